@@ -1,0 +1,44 @@
+# The two set-up commands of the README: `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+DEMO   ?= data/demo
+RUN_ID ?= demo-$(shell date +%Y%m%d-%H%M%S)
+
+.PHONY: install demo test bench-tiny
+
+$(VENV)/.installed: pyproject.toml requirements.lock
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# Synthetic LIBERO-90 data, a tiny random checkpoint and its anchor cache, then a short CRaFT run
+# with the user's flags; logs go to runs/$(RUN_ID)/metrics.jsonl.
+demo: install
+	$(PY) vla-scripts/make_demo_assets.py --out $(DEMO)
+	$(VENV)/bin/torchrun --standalone --nnodes 1 --nproc-per-node 1 vla-scripts/train_craft.py \
+	  --pretrained_checkpoint $(DEMO)/model \
+	  --data_root_dir $(DEMO)/rlds \
+	  --vla.data_mix libero_90 \
+	  --craft.enabled true \
+	  --craft.retention_mode hidden \
+	  --craft.anchor_cache_dir $(DEMO)/anchor_cache \
+	  --craft.pooling mean_image_tokens \
+	  --craft.hidden_layer -2 \
+	  --craft.retention_loss_type mse \
+	  --craft.epsilon $(DEMO_EPSILON) \
+	  --craft.lambda_lr $(DEMO_LAMBDA_LR) \
+	  --craft.anchor_batch_size 4 \
+	  --vla.per_device_batch_size 8 \
+	  --vla.learning_rate 1e-3 \
+	  --vla.max_steps 40 \
+	  --vla.shuffle_buffer_size 2000 \
+	  --run_root_dir runs --run_id $(RUN_ID)
+	@echo "metrics: runs/$(RUN_ID)/metrics.jsonl"
+
+test: install
+	$(PY) -m pytest -q

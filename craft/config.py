@@ -1,0 +1,74 @@
+"""The `--craft.*` flags: the single source of truth for CRaFT's defaults."""
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+RETENTION_MODES = ("hidden",)
+POOLINGS = ("mean_image_tokens", "mean_all_tokens", "last_token")
+RETENTION_LOSS_TYPES = ("mse", "cosine")
+EPSILON_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class CraftConfigError(ValueError):
+    """A `--craft.*` flag or the anchor cache does not fit the run; the message names the flag."""
+
+
+@dataclass
+class CraftConfig:
+    enabled: bool = True
+    # Which representation is kept: "hidden" = pooled LLM hidden state of `hidden_layer`.
+    retention_mode: str = "hidden"
+    anchor_cache_dir: Optional[Path] = None
+    pooling: str = "mean_image_tokens"
+    retention_loss_type: str = "mse"
+    # Python index into the hidden-state tuple (embeddings, layer 1, ..., layer n): -2 = layer n-1.
+    hidden_layer: int = -2
+    # Drift budget L_ret <= epsilon; with a schedule, epsilon is the value reached at the end.
+    epsilon: float = 0.05
+    epsilon_schedule: str = "constant"
+    epsilon_start: Optional[float] = None  # first value of a linear/cosine schedule (default: epsilon)
+    epsilon_schedule_steps: Optional[int] = None  # steps to go from start to epsilon (default: max_steps)
+    lambda_init: float = 0.0
+    lambda_lr: float = 1e-4
+    anchor_batch_size: int = 4  # per device and micro-batch
+    anchor_seed: int = 0
+
+    def validate(self) -> None:
+        """Reject values that would make the run meaningless, before any model or data is touched."""
+        if not self.enabled:
+            return
+        _choice("retention_mode", self.retention_mode, RETENTION_MODES)
+        _choice("pooling", self.pooling, POOLINGS)
+        _choice("retention_loss_type", self.retention_loss_type, RETENTION_LOSS_TYPES)
+        _choice("epsilon_schedule", self.epsilon_schedule, EPSILON_SCHEDULES)
+        if self.anchor_cache_dir is None:
+            raise CraftConfigError(
+                "--craft.anchor_cache_dir is required when --craft.enabled is true "
+                "(build one with vla-scripts/build_anchor_cache.py); found: not set"
+            )
+        _positive("epsilon", self.epsilon)
+        if self.epsilon_start is not None:
+            _positive("epsilon_start", self.epsilon_start)
+        if self.epsilon_schedule_steps is not None and self.epsilon_schedule_steps < 1:
+            raise CraftConfigError(
+                f"--craft.epsilon_schedule_steps must be >= 1; found {self.epsilon_schedule_steps}"
+            )
+        if self.lambda_init < 0:
+            raise CraftConfigError(f"--craft.lambda_init must be >= 0; found {self.lambda_init}")
+        if self.lambda_lr < 0:
+            raise CraftConfigError(f"--craft.lambda_lr must be >= 0; found {self.lambda_lr}")
+        if self.anchor_batch_size < 1:
+            raise CraftConfigError(
+                f"--craft.anchor_batch_size must be >= 1; found {self.anchor_batch_size}"
+            )
+
+
+def _choice(flag: str, value: str, allowed: tuple) -> None:
+    if value not in allowed:
+        raise CraftConfigError(f"--craft.{flag} must be one of {list(allowed)}; found {value!r}")
+
+
+def _positive(flag: str, value: float) -> None:
+    if not value > 0:
+        raise CraftConfigError(f"--craft.{flag} must be > 0; found {value}")

@@ -1,0 +1,75 @@
+"""`--vla.*`: what is trained, on which data, with which optimisation hyper-parameters."""
+
+from dataclasses import dataclass
+from typing import Optional
+
+import draccus
+
+TRAIN_STAGES = ("vla-full-train", "vla-train", "vla-sandwich-train", "vla-last-layer-train")
+LR_SCHEDULES = ("constant", "linear-warmup+cosine-decay")
+
+
+@dataclass
+class VLAConfig(draccus.ChoiceRegistry):
+    vla_id: str = "openvla-7b+libero"
+    # Which parameters train (OpenVLA's stages): full; frozen vision; frozen LLM but its last
+    # layer; only the last LLM layer (embed_tokens, last decoder layer, lm_head).
+    train_stage: str = "vla-full-train"
+    data_mix: str = "libero_90"
+    shuffle_buffer_size: int = 100_000
+    max_steps: int = 50_000
+    expected_world_size: Optional[int] = None  # when set, the launch must match it
+    global_batch_size: Optional[int] = None  # default: per_device_batch_size x world size
+    per_device_batch_size: int = 8
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+    enable_gradient_checkpointing: bool = True
+    enable_mixed_precision_training: bool = True  # bf16 autocast; also the anchor cache's dtype
+
+    @classmethod
+    def default_choice_name(cls) -> str:
+        """The user's templates never pass --vla.type."""
+        return "openvla-7b+libero"
+
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.enable_mixed_precision_training else "float32"
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.per_device_batch_size * world_size
+        total = self.global_batch_size or per_step
+        if total % per_step:
+            raise ValueError(
+                f"--vla.global_batch_size {total} is not a multiple of --vla.per_device_batch_size "
+                f"{self.per_device_batch_size} x world size {world_size} = {per_step}"
+            )
+        return total // per_step
+
+    def validate(self, world_size: int) -> None:
+        for flag, value, allowed in (
+            ("train_stage", self.train_stage, TRAIN_STAGES),
+            ("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULES),
+        ):
+            if value not in allowed:
+                raise ValueError(f"--vla.{flag} must be one of {list(allowed)}; found {value!r}")
+        for flag, value in (("max_steps", self.max_steps), ("per_device_batch_size", self.per_device_batch_size)):
+            if value < 1:
+                raise ValueError(f"--vla.{flag} must be >= 1; found {value}")
+        if self.learning_rate < 0:
+            raise ValueError(f"--vla.learning_rate must be >= 0; found {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--vla.warmup_ratio must be in [0, 1); found {self.warmup_ratio}")
+        if self.expected_world_size is not None and self.expected_world_size != world_size:
+            raise ValueError(
+                f"--vla.expected_world_size is {self.expected_world_size} but torchrun started {world_size} processes"
+            )
+        self.grad_accumulation_steps(world_size)
+
+
+@VLAConfig.register_subclass("openvla-7b+libero")
+@dataclass
+class OpenVLALiberoConfig(VLAConfig):
+    """Full fine-tuning of OpenVLA-7B on LIBERO-90, upstream's full-FT hyper-parameters."""

@@ -1,0 +1,197 @@
+"""Checkpoints in the Hugging Face layout of openvla/openvla-7b: config.json, safetensors shards, tokenizer files.
+
+On disk, timm's LayerScale parameters are named `ls{1,2}.scale_factor` (the HF export renames `gamma`, which old
+transformers versions rewrite to `weight` while loading); in memory they keep timm's `gamma`. Saving goes
+through a temporary folder renamed at the end, so an interrupted save never leaves a half-written checkpoint.
+Loading builds the model on the meta device and assigns one shard at a time, so peak memory is about the model
+plus one shard.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from prismatic.models.config import VLAModelConfig
+from prismatic.models.tokenizer import load_tokenizer
+from prismatic.models.vla import OpenVLA
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+INDEX_NAME = "model.safetensors.index.json"
+STATS_NAME = "dataset_statistics.json"
+TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+
+
+def to_disk_name(key: str) -> str:
+    return re.sub(r"\.(ls[12])\.gamma$", r".\1.scale_factor", key)
+
+
+def from_disk_name(key: str) -> str:
+    return re.sub(r"\.(ls[12])\.scale_factor$", r".\1.gamma", key)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, (np.ndarray, np.generic, torch.Tensor)):
+        return obj.tolist()
+    raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+
+
+def _plan_shards(sizes: dict[str, int], max_shard_size_bytes: int) -> list[list[str]]:
+    """Greedy, in state-dict order: start a new shard when the next tensor would overflow the current one."""
+    shards: list[list[str]] = [[]]
+    current = 0
+    for key, size in sizes.items():
+        if shards[-1] and current + size > max_shard_size_bytes:
+            shards.append([])
+            current = 0
+        shards[-1].append(key)
+        current += size
+    return shards
+
+
+def _write_weights(model: OpenVLA, folder: Path, max_shard_size_bytes: int, dtype: torch.dtype | None) -> str:
+    """Write the safetensors file(s) (+ index when sharded); return the saved floating dtype's name."""
+    state = {to_disk_name(k): v for k, v in model.state_dict().items()}
+    cast = {k: dtype if dtype is not None and v.is_floating_point() else v.dtype for k, v in state.items()}
+    sizes = {k: v.numel() * cast[k].itemsize for k, v in state.items()}
+    shards = _plan_shards(sizes, max_shard_size_bytes)
+    n = len(shards)
+    names = [WEIGHTS_NAME] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    for name, keys in zip(names, shards):
+        tensors = {k: state[k].detach().to(device="cpu", dtype=cast[k]).contiguous() for k in keys}
+        save_file(tensors, str(folder / name), metadata={"format": "pt"})
+    if len(shards) > 1:
+        weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
+        _write_json(folder / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+    floating = [d for d in cast.values() if d.is_floating_point]
+    return str(floating[0]).removeprefix("torch.") if floating else "float32"
+
+
+def save_pretrained(
+    model: OpenVLA,
+    out_dir: str | Path,
+    tokenizer=None,
+    dataset_statistics: dict | None = None,
+    max_shard_size_bytes: int = 5 * 2**30,
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a loadable checkpoint folder; `dtype` casts floating weights (e.g. torch.bfloat16 as published)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise FileExistsError(f"{out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"{out} exists and is not empty; pass overwrite=True to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        config = model.config.to_dict()
+        if dataset_statistics is not None:
+            config["norm_stats"] = dataset_statistics
+            _write_json(tmp / STATS_NAME, dataset_statistics)
+        config["torch_dtype"] = _write_weights(model, tmp, max_shard_size_bytes, dtype)
+        _write_json(tmp / CONFIG_NAME, config)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        os.chmod(tmp, 0o755)  # mkdtemp makes it private
+        if out.is_dir():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    index = folder / INDEX_NAME
+    if index.is_file():
+        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        missing = [n for n in names if not (folder / n).is_file()]
+        if missing:
+            raise FileNotFoundError(f"{index} lists weight shards that are missing from {folder}: {missing}")
+        return [folder / n for n in names]
+    if (folder / WEIGHTS_NAME).is_file():
+        return [folder / WEIGHTS_NAME]
+    found = sorted(p.name for p in folder.iterdir())
+    raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {INDEX_NAME}; found {found}")
+
+
+def _check_keys(expected: set[str], files: list[Path]) -> None:
+    found: set[str] = set()
+    for f in files:
+        with safe_open(str(f), framework="pt") as reader:
+            found.update(from_disk_name(k) for k in reader.keys())
+    missing, unexpected = sorted(expected - found), sorted(found - expected)
+    if missing or unexpected:
+        raise ValueError(
+            f"checkpoint weights do not match the model built from config.json: "
+            f"{len(missing)} missing {missing[:20]}, {len(unexpected)} unexpected {unexpected[:20]}"
+        )
+
+
+def _rebuild_rotary(model: OpenVLA, device: torch.device) -> None:
+    """RoPE frequencies are a non-persistent buffer (not in the checkpoint): recompute them on `device`."""
+    llm = model.language_model.model
+    with torch.device(device):
+        llm.rotary_emb = type(llm.rotary_emb)(config=llm.config)
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[OpenVLA, Any, VLAModelConfig]:
+    """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected an OpenVLA checkpoint folder with {CONFIG_NAME}")
+    config = VLAModelConfig.from_dict(json.loads(config_path.read_text()))
+    files = _weight_files(folder)
+    device = torch.device(device)
+
+    with torch.device("meta"):
+        model = OpenVLA.from_config(config)
+    _check_keys(set(model.state_dict()), files)
+    for f in files:
+        shard = load_file(str(f), device=str(device))
+        shard = {from_disk_name(k): v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
+        model.load_state_dict(shard, strict=False, assign=True)
+        del shard
+    _rebuild_rotary(model, device)
+    still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if still_meta:
+        raise RuntimeError(f"tensors left unmaterialised after loading {folder}: {still_meta}")
+
+    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
+    tokenizer = load_tokenizer(folder) if has_tokenizer else None
+    return model.eval(), tokenizer, config
+
+
+def load_dataset_statistics(path: str | Path) -> dict:
+    """`dataset_statistics.json` of a checkpoint folder (or the file itself): the action/proprio norm stats."""
+    path = Path(path)
+    stats_path = path / STATS_NAME if path.is_dir() else path
+    if not stats_path.is_file():
+        raise FileNotFoundError(f"{stats_path} not found")
+    return json.loads(stats_path.read_text())

@@ -1,0 +1,124 @@
+"""OpenVLA: fused ViT features, projected into Llama-2's embedding space and spliced in after BOS.
+
+The LLM sees `[embed(BOS), 256 projected patches, embed(input_ids[:, 1:])]`; the attention mask and the labels
+get 256 entries (True / IGNORE_INDEX) at the same place, so callers work in text-token coordinates only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import LlamaForCausalLM
+
+from prismatic.models.config import VLAModelConfig
+from prismatic.models.projector import FusedMLPProjector
+from prismatic.models.vision import FusedVisionBackbone
+
+IGNORE_INDEX = -100
+
+
+def _splice(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """Insert `image` ([B, 256, ...]) into `text` ([B, T, ...]) right after position 0 (the BOS token)."""
+    return torch.cat([text[:, :1], image, text[:, 1:]], dim=1)
+
+
+@dataclass
+class VLAOutput:
+    """`action_logits`/`action_targets` list the supervised positions in row-major (batch, position) order, the
+    same order as `labels[:, 1:][labels[:, 1:] != IGNORE_INDEX]` on the text-only labels."""
+
+    loss: torch.Tensor | None = None  # mean float32 next-token cross-entropy over supervised positions
+    action_logits: torch.Tensor | None = None  # [N, V] float32, lm_head applied only where supervised
+    action_targets: torch.Tensor | None = None  # [N]
+    logits: torch.Tensor | None = None  # [B, T+256, V] float32, only when no labels are given
+    hidden_states: tuple[torch.Tensor, ...] | None = None  # see OpenVLA.forward
+
+
+class OpenVLA(nn.Module):
+    def __init__(self, config: VLAModelConfig):
+        super().__init__()
+        self.config = config
+        self.vision_backbone = FusedVisionBackbone(config)
+        llm_config = config.llama_config()
+        self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llm_config.hidden_size)
+        self.language_model = LlamaForCausalLM(llm_config)
+
+    @classmethod
+    def from_config(cls, config: VLAModelConfig) -> OpenVLA:
+        """Randomly initialised; under `torch.device("meta")` it allocates nothing (see checkpoint.load_pretrained)."""
+        return cls(config)
+
+    @property
+    def num_image_tokens(self) -> int:
+        return self.config.num_image_tokens
+
+    @property
+    def image_token_slice(self) -> slice:
+        """Where the projected patches sit in the multimodal sequence."""
+        return slice(1, 1 + self.num_image_tokens)
+
+    def gradient_checkpointing_enable(self) -> None:
+        """Recompute activations in the backward pass, in the LLM's decoder layers and the ViT blocks."""
+        llm = self.language_model
+        # transformers 5.2x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack the new name.
+        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+        enable({"use_reentrant": False})
+        self.vision_backbone.featurizer.set_grad_checkpointing(True)
+        self.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
+
+    def _run_llm(self, pixel_values, input_ids, attention_mask, output_hidden_states: bool):
+        vision_dtype = self.vision_backbone.featurizer.patch_embed.proj.weight.dtype
+        patches = self.projector(self.vision_backbone(pixel_values.to(vision_dtype)))
+        text_embeds = self.language_model.get_input_embeddings()(input_ids)
+        embeds = _splice(text_embeds, patches.to(text_embeds.dtype))
+        if attention_mask is not None:
+            image_mask = attention_mask.new_ones((attention_mask.shape[0], patches.shape[1]))
+            attention_mask = _splice(attention_mask, image_mask)
+        return self.language_model.model(
+            inputs_embeds=embeds,
+            attention_mask=attention_mask,
+            output_hidden_states=output_hidden_states,
+            use_cache=False,
+        )
+
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool = False,
+    ) -> VLAOutput:
+        """pixel_values [B, 6, 224, 224]; input_ids, attention_mask (None: attend everywhere), labels: [B, T].
+
+        With labels, only the supervised positions go through lm_head, so the [B, T+256, V] logits are never
+        built. `hidden_states` (if asked) has n_layers + 1 entries [B, T+256, D]: [0] the input embeddings,
+        [i] the output of decoder layer i for i < n_layers, and [n_layers] the output of the final RMSNorm
+        (transformers 5.x replaces the last layer's raw output with it, as 4.40 did). So [-2] is the output
+        of the second-to-last decoder layer.
+        """
+        out = self._run_llm(pixel_values, input_ids, attention_mask, output_hidden_states)
+        hidden_states = out.hidden_states if output_hidden_states else None
+        lm_head = self.language_model.lm_head
+        if labels is None:
+            return VLAOutput(logits=lm_head(out.last_hidden_state).float(), hidden_states=hidden_states)
+
+        image_labels = labels.new_full((labels.shape[0], self.num_image_tokens), IGNORE_INDEX)
+        targets = _splice(labels, image_labels)[:, 1:]  # position p predicts token p + 1
+        supervised = targets != IGNORE_INDEX
+        action_logits = lm_head(out.last_hidden_state[:, :-1][supervised]).float()
+        action_targets = targets[supervised]
+        loss = F.cross_entropy(action_logits, action_targets)
+        return VLAOutput(loss, action_logits, action_targets, hidden_states=hidden_states)
+
+    def hidden_states(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
+    ) -> torch.Tensor:
+        """Entry `layer` (Python indexing) of forward's `hidden_states` tuple, [B, T+256, D], without lm_head."""
+        n = self.language_model.config.num_hidden_layers
+        if not -(n + 1) <= layer <= n:
+            raise ValueError(f"layer must be in [{-(n + 1)}, {n}] for a {n}-layer LLM, got {layer}")
+        return self._run_llm(pixel_values, input_ids, attention_mask, output_hidden_states=True).hidden_states[layer]

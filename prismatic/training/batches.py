@@ -1,0 +1,43 @@
+"""Model-ready batches: action micro-batches from the RLDS stream, anchor batches from the cache."""
+
+from typing import Dict, Iterator
+
+import numpy as np
+import torch
+
+from prismatic.vla.action_tokenizer import ActionTokenizer
+from prismatic.vla.batching import PaddedCollator, training_example
+
+
+class ActionBatches:
+    """Groups stream frames into padded, tokenised micro-batches of `batch_size` samples."""
+
+    def __init__(self, frames, tokenizer, processor, batch_size: int, collator: PaddedCollator,
+                 action_tokenizer: ActionTokenizer):
+        self.frames: Iterator[dict] = iter(frames)
+        self.tokenizer, self.processor, self.collator = tokenizer, processor, collator
+        self.action_tokenizer, self.batch_size = action_tokenizer, batch_size
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> Dict[str, torch.Tensor]:
+        frames = [next(self.frames) for _ in range(self.batch_size)]
+        examples = [training_example(self.tokenizer, self.action_tokenizer, f["instruction"], f["action"])
+                    for f in frames]
+        batch = self.collator([ids for ids, _ in examples], [labels for _, labels in examples])
+        batch["pixel_values"] = self.processor(np.stack([f["image"] for f in frames]))
+        return batch
+
+
+def anchor_inputs(rows: Dict[str, np.ndarray], processor) -> Dict[str, torch.Tensor]:
+    """Anchor rows from the cache -> exactly the inputs the model saw when the cache was built."""
+    return {
+        "pixel_values": processor(rows["images"]),
+        "input_ids": torch.from_numpy(rows["input_ids"].astype(np.int64)),
+        "attention_mask": torch.from_numpy(np.asarray(rows["attention_mask"], dtype=bool)),
+    }
+
+
+def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
+    return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}

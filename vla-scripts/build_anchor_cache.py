@@ -1,0 +1,26 @@
+"""Build CRaFT's anchor cache from the pretrained checkpoint, before fine-tuning.
+
+    python vla-scripts/build_anchor_cache.py --pretrained_checkpoint <OPENVLA_CKPT> \
+      --data_root_dir <RLDS_ROOT> --data_mix libero_90 --output_dir <ANCHOR_CACHE_DIR> \
+      --num_anchors 512 --hidden_layer -2 --pooling mean_image_tokens --dtype bfloat16
+"""
+
+import sys
+
+import draccus
+
+from prismatic.training.anchor_builder import AnchorCacheConfig, build_anchor_cache
+
+
+@draccus.wrap()
+def main(cfg: AnchorCacheConfig) -> None:
+    try:
+        cfg.validate()
+    except (ValueError, FileNotFoundError, FileExistsError) as e:
+        print(f"build_anchor_cache.py: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    build_anchor_cache(cfg)
+
+
+if __name__ == "__main__":
+    main()
