@@ -30,8 +30,8 @@ demo: install
 	  --craft.pooling mean_image_tokens \
 	  --craft.hidden_layer -2 \
 	  --craft.retention_loss_type mse \
-	  --craft.epsilon $(DEMO_EPSILON) \
-	  --craft.lambda_lr $(DEMO_LAMBDA_LR) \
+	  --craft.epsilon 0.001 \
+	  --craft.lambda_lr 50 \
 	  --craft.anchor_batch_size 4 \
 	  --vla.per_device_batch_size 8 \
 	  --vla.learning_rate 1e-3 \

@@ -131,7 +131,8 @@ def test_statistics_fall_back_to_user_cache_when_dataset_dir_is_read_only(tmp_pa
 
 def test_normalize_bounds_q99_matches_numpy_twin():
     tf = import_tensorflow()
-    stats = {"q01": [-1.0, 0.0, 2.0, 0.0], "q99": [1.0, 2.0, 2.0, 1.0], "min": [-2.0, 0.0, 2.0, 0.0], "max": [2.0, 3.0, 2.0, 1.0]}
+    stats = {"q01": [-1.0, 0.0, 2.0, 0.0], "q99": [1.0, 2.0, 2.0, 1.0],
+             "min": [-2.0, 0.0, 2.0, 0.0], "max": [2.0, 3.0, 2.0, 1.0]}
     mask = [True, True, True, False]
     x = np.array([[0.5, 3.0, 2.0, 0.7], [-5.0, 1.0, 2.0, 0.0]], np.float32)
     got = normalize_bounds_q99(tf.constant(x), stats, mask).numpy()
@@ -154,7 +155,9 @@ def test_deterministic_per_seed(root):
     a = _take(_stream(root, image_aug=True), 30)
     b = _take(_stream(root, image_aug=True), 30)
     c = _take(_stream(root, image_aug=True, seed=8), 30)
-    assert all(np.array_equal(x["image"], y["image"]) and np.array_equal(x["action"], y["action"]) for x, y in zip(a, b))
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x["image"], y["image"])
+        np.testing.assert_array_equal(x["action"], y["action"])
     assert [x["action"].tobytes() for x in a] != [x["action"].tobytes() for x in c]
 
 
@@ -164,7 +167,8 @@ def test_augmentation_changes_pixels_only(root):
     for p, a in zip(plain, augmented):
         assert a["image"].shape == p["image"].shape and a["image"].dtype == np.uint8
         np.testing.assert_array_equal(a["action"], p["action"])  # same frames, same order
-    assert np.mean([np.abs(p["image"].astype(int) - a["image"].astype(int)).mean() for p, a in zip(plain, augmented)]) > 2
+    changes = [np.abs(p["image"].astype(int) - a["image"].astype(int)).mean() for p, a in zip(plain, augmented)]
+    assert np.mean(changes) > 2
 
 
 def test_splits_and_rank_shards_are_disjoint(root):

@@ -35,7 +35,8 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
         action = tf.cast(traj["action"], tf.float32)
         length = tf.shape(action)[0]
         if config.state_obs_keys:
-            columns = [tf.zeros((length, 1)) if k is None else tf.cast(obs[k], tf.float32) for k in config.state_obs_keys]
+            columns = [tf.zeros((length, 1)) if k is None else tf.cast(obs[k], tf.float32)
+                       for k in config.state_obs_keys]
             proprio = tf.concat(columns, axis=-1)
         else:  # upstream's convention when a dataset has no proprio
             proprio = tf.zeros_like(action)
@@ -149,8 +150,8 @@ class RLDSStream:
             action = normalize_bounds_q99(traj["action"], stats["action"], stats["action"]["mask"])
             return {"image": traj["image"], "action": action, "instruction": traj["instruction"]}
 
-        trajectories = _read_trajectories(builder, config, self._splits[name], shuffle_files=self.train, seed=self._seed)
-        trajectories = trajectories.repeat()
+        trajectories = _read_trajectories(builder, config, self._splits[name], shuffle_files=self.train,
+                                          seed=self._seed).repeat()
         frames = trajectories.map(normalize, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).unbatch()
         frames = frames.filter(lambda f: f["instruction"] != "")
         return frames.map(lambda f: {**f, "dataset_name": tf.constant(name)})
@@ -159,7 +160,7 @@ class RLDSStream:
         tf = import_tensorflow()
         datasets = [self._dataset_frames(name) for name, _ in self.mixture]
         weights = np.array([w * self.statistics[n]["num_transitions"] for n, w in self.mixture], dtype=np.float64)
-        frames = tf.data.Dataset.sample_from_datasets(datasets, weights=(weights / weights.sum()).tolist(), seed=self._seed)
+        frames = tf.data.Dataset.sample_from_datasets(datasets, (weights / weights.sum()).tolist(), seed=self._seed)
         frames = frames.shuffle(self.shuffle_buffer_size, seed=self._seed)
 
         def decode(index, frame):
@@ -181,6 +182,7 @@ def augment(image, seed):
     """Upstream's training augmentation, in its order: random resized crop (scale 0.9, square), brightness,
     contrast, saturation, hue. Stateless ops keyed by `seed` ([2] ints), so the stream stays reproducible."""
     import tensorflow as tf  # already imported quietly by the pipeline that calls this
+
     seeds = tf.random.experimental.stateless_split(seed, num=5)
     size = tf.shape(image)[:2]
     x = tf.image.convert_image_dtype(image, tf.float32)

@@ -61,7 +61,7 @@ def _features(image_size: int):
 
 def _instruction(task: int) -> str:
     base = INSTRUCTIONS[task % len(INSTRUCTIONS)]
-    return base if task < len(INSTRUCTIONS) else f"{base} {task // len(INSTRUCTIONS) + 1} times"
+    return base if task < len(INSTRUCTIONS) else f"{base} in scene {task // len(INSTRUCTIONS) + 1}"
 
 
 def _task_colour(task: int, num_tasks: int) -> np.ndarray:
@@ -75,7 +75,7 @@ def _render(task: int, num_tasks: int, progress: float, size: int, rng: np.rando
     image = np.broadcast_to(_task_colour(task, num_tasks), (size, size, 3)).copy()
     band = int((task + 0.25) / num_tasks * size)
     image[band : band + max(size // (2 * num_tasks), 1)] *= 0.3
-    image += rng.normal(0.0, 6.0, size=image.shape)
+    image += rng.integers(-10, 11, size=image.shape, dtype=np.int16)  # texture; cheap to draw
     side = max(size // 8, 2)
     x = int(progress * (size - side))
     y = size - side - x if wrist else size // 2 - side // 2
@@ -84,7 +84,8 @@ def _render(task: int, num_tasks: int, progress: float, size: int, rng: np.rando
 
 
 def _episode(task: int, num_tasks: int, steps: int, size: int, rng: np.random.Generator, task_params: dict):
-    """One episode: actions a_d(t) = amp_d * sin(2 pi f_d t + phase_d) + noise; gripper closes at a task-specific time."""
+    """One episode: arm actions a_d(t) = amp_d sin(2 pi f_d t + phase_d) + noise, t in [0, 1]; the gripper
+    opens (-1) until a task-specific time, then closes (+1)."""
     t = np.linspace(0.0, 1.0, steps, dtype=np.float64)
     amp, freq, phase, close_at = (task_params[k] for k in ("amp", "freq", "phase", "close_at"))
     arm = amp * np.sin(2 * np.pi * freq * t[:, None] + phase) + rng.normal(0.0, 0.02, size=(steps, 6))
