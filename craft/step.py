@@ -7,9 +7,20 @@ from typing import Callable, Optional, Sequence
 import torch
 
 from craft.dual import RetentionConstraint
-from craft.surgery import Surgery, combine_into_grads, grad_products, take_grads
+from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products, local, squared_norm, take_grads
 
 LossFn = Callable[[], torch.Tensor]  # runs one micro-batch forward and returns its mean loss
+
+
+class Collective:
+    """How this rank's partial results become global ones. The default: a single process."""
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        """Whether the next backward reduces gradients across ranks (only the last micro-batch's needs to)."""
+
+    def reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        """[<g_act,g_ret>, |g_act|^2, |g_ret|^2, L_act, L_ret] partial sums and local means -> global values."""
+        return stats
 
 
 @dataclass
@@ -25,13 +36,14 @@ class StepResult:
     skipped: bool = False  # a non-finite loss or gradient: nothing was updated
 
 
-def accumulate(loss_fns: Sequence[LossFn]) -> torch.Tensor:
+def accumulate(loss_fns: Sequence[LossFn], collective: Collective) -> torch.Tensor:
     """Backward every micro-batch loss scaled by 1/n, so `.grad` holds the gradient of the mean."""
-    total = 0.0
-    for fn in loss_fns:
+    total = torch.zeros((), dtype=torch.float64)
+    for i, fn in enumerate(loss_fns):
+        collective.set_grad_sync(i == len(loss_fns) - 1)
         loss = fn()
         (loss / len(loss_fns)).backward()
-        total = total + loss.detach().double()
+        total = total + loss.detach().double().cpu()
     return total / len(loss_fns)
 
 
@@ -42,26 +54,26 @@ def craft_step(
     action_losses: Sequence[LossFn],
     retention_losses: Sequence[LossFn],
     max_grad_norm: float,
+    collective: Collective = Collective(),
 ) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
-    l_act = accumulate(action_losses)  # 1. g_act
+    l_act = accumulate(action_losses, collective)  # 1. g_act
     g_act = take_grads(params)
-    l_ret = accumulate(retention_losses)  # 2. g_ret
+    l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
-    dot, act_sq, ret_sq = grad_products(g_act, g_ret).tolist()  # 3. one pass, fp32/fp64 sums
-    l_act, l_ret = l_act.item(), l_ret.item()
+    local_stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.stack([l_act, l_ret])])
+    dot, act_sq, ret_sq, l_act, l_ret = collective.reduce(local_stats).tolist()  # 3. one all-reduce
     lam, eps = constraint.lam, constraint.epsilon
     if not all(map(math.isfinite, (l_act, l_ret, dot, act_sq, ret_sq))):
         return StepResult(L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, skipped=True)
     surgery = Surgery.decide(dot, act_sq, ret_sq, lam)  # 4. project g_act if dot < 0
-    combine_into_grads(params, g_act, g_ret, surgery.ret_coef)  # 5-6. g = g_act + lam g_ret
-    grad_norm = _clip_and_step(params, optimizer, max_grad_norm)
-    if grad_norm is None:
-        return StepResult(L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, skipped=True)
+    scale = clip_scale(surgery.grad_sq, max_grad_norm)
+    combine_into_grads(params, g_act, g_ret, surgery.ret_coef, scale)  # 5-6. g = g_act + lam g_ret, clipped
+    optimizer.step()
     constraint.update(l_ret)  # 7. lambda, then the epsilon schedule
     return StepResult(
-        L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, grad_dot=surgery.grad_dot,
-        grad_cos=surgery.grad_cos, projection=surgery.projection, grad_norm=grad_norm,
+        L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, grad_dot=surgery.grad_dot, grad_cos=surgery.grad_cos,
+        projection=surgery.projection, grad_norm=surgery.grad_sq ** 0.5,
     )
 
 
@@ -70,24 +82,19 @@ def baseline_step(
     optimizer: torch.optim.Optimizer,
     action_losses: Sequence[LossFn],
     max_grad_norm: float,
+    collective: Collective = Collective(),
 ) -> StepResult:
     """Plain behaviour cloning: exactly what `--craft.enabled false` runs."""
     optimizer.zero_grad(set_to_none=True)
-    l_act = accumulate(action_losses).item()
-    if not math.isfinite(l_act):
+    l_act = accumulate(action_losses, collective)
+    grads = [p.grad for p in params]
+    zero = torch.zeros((), dtype=torch.float64)
+    _, grad_sq, _, l_act, _ = collective.reduce(torch.stack([zero, squared_norm(grads).cpu(), zero, l_act, zero])).tolist()
+    if not (math.isfinite(l_act) and math.isfinite(grad_sq)):
         optimizer.zero_grad(set_to_none=True)
         return StepResult(L_act=l_act, skipped=True)
-    grad_norm = _clip_and_step(params, optimizer, max_grad_norm)
-    return StepResult(L_act=l_act, grad_norm=grad_norm, skipped=grad_norm is None)
-
-
-def _clip_and_step(
-    params: Sequence[torch.Tensor], optimizer: torch.optim.Optimizer, max_grad_norm: float
-) -> Optional[float]:
-    """Clip, then step unless the gradient norm is non-finite (then the grads are dropped)."""
-    norm = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm, foreach=True))
-    if not math.isfinite(norm):
-        optimizer.zero_grad(set_to_none=True)
-        return None
+    scale = clip_scale(grad_sq, max_grad_norm)
+    if scale != 1.0:
+        torch._foreach_mul_([local(g) for g in grads if g is not None], scale)
     optimizer.step()
-    return norm
+    return StepResult(L_act=l_act, grad_norm=grad_sq ** 0.5)

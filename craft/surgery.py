@@ -3,6 +3,8 @@
 The action gradient is stashed by moving the `.grad` tensors out of the parameters (no copy); the
 retention backward then allocates fresh `.grad` tensors. That stash is the only extra gradient-sized
 memory CRaFT needs. A parameter that got no gradient from one loss counts as zero for that loss.
+Sharded (DTensor) gradients are handled through their local shards: every sum here is a local
+partial sum that the caller all-reduces once.
 """
 
 from dataclasses import dataclass
@@ -13,6 +15,11 @@ import torch
 Grads = List[Optional[torch.Tensor]]
 
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The shard this rank holds (the tensor itself when unsharded); in-place updates reach the DTensor."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
 def take_grads(params: Sequence[torch.Tensor]) -> Grads:
     """Detach the current `.grad` tensors from `params` and return them."""
     grads = [p.grad for p in params]
@@ -21,31 +28,38 @@ def take_grads(params: Sequence[torch.Tensor]) -> Grads:
     return grads
 
 
+def squared_norm(grads: Grads) -> torch.Tensor:
+    """Local sum of squares, accumulated in float32 per tensor and float64 across tensors."""
+    tensors = [local(g) for g in grads if g is not None]
+    if not tensors:
+        return torch.zeros((), dtype=torch.float64)
+    norms = torch._foreach_norm([t if t.dtype == torch.float32 else t.float() for t in tensors])
+    return torch.stack(norms).double().pow(2).sum()
+
+
 def grad_products(g_act: Grads, g_ret: Grads) -> torch.Tensor:
-    """float64 tensor [<g_act, g_ret>, |g_act|^2, |g_ret|^2]: one vector, so one all-reduce sums shards."""
-    pairs = [(a, r) for a, r in zip(g_act, g_ret) if a is not None and r is not None]
-    acts = [a for a in g_act if a is not None]
-    rets = [r for r in g_ret if r is not None]
-    device = (acts or rets)[0].device if (acts or rets) else torch.device("cpu")
-    out = torch.zeros(3, dtype=torch.float64, device=device)
-    if pairs:
-        dots = [torch.dot(a.reshape(-1).float(), r.reshape(-1).float()) for a, r in pairs]
-        out[0] = torch.stack(dots).double().sum()
-    for i, grads in ((1, acts), (2, rets)):
-        if grads:
-            norms = torch._foreach_norm([g.float() if g.dtype != torch.float32 else g for g in grads])
-            out[i] = torch.stack(norms).double().pow(2).sum()
-    return out
+    """Local float64 [<g_act, g_ret>, |g_act|^2, |g_ret|^2]: one vector, so one all-reduce sums all shards."""
+    dots = [torch.dot(local(a).reshape(-1).float(), local(r).reshape(-1).float())
+            for a, r in zip(g_act, g_ret) if a is not None and r is not None]
+    dot = torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64)
+    act_sq, ret_sq = squared_norm(g_act), squared_norm(g_ret)
+    return torch.stack([dot.to(act_sq.device), act_sq, ret_sq.to(act_sq.device)])
+
+
+def clip_scale(grad_sq: float, max_norm: float) -> float:
+    """The factor gradient clipping applies to a gradient of squared norm `grad_sq`."""
+    return min(1.0, max_norm / (max(grad_sq, 0.0) ** 0.5 + 1e-6))
 
 
 @dataclass
 class Surgery:
-    """What the conflict test decided for one step."""
+    """What the conflict test decided for one step, from the global scalars."""
 
     grad_dot: float
     grad_cos: float
     projection: bool
     ret_coef: float  # g = g_act + ret_coef * g_ret, with the projection folded in
+    grad_sq: float  # |g|^2 of the combined gradient, before clipping
 
     @classmethod
     def decide(cls, dot: float, act_sq: float, ret_sq: float, lam: float) -> "Surgery":
@@ -54,20 +68,26 @@ class Surgery:
         cos = dot / denom if denom > 0 else 0.0
         projection = ret_sq > 0 and dot < 0
         coef = lam - (dot / ret_sq if projection else 0.0)
-        return cls(grad_dot=dot, grad_cos=cos, projection=projection, ret_coef=coef)
+        grad_sq = act_sq + 2.0 * coef * dot + coef * coef * ret_sq  # |g_act + coef g_ret|^2, no extra pass
+        return cls(grad_dot=dot, grad_cos=cos, projection=projection, ret_coef=coef, grad_sq=max(grad_sq, 0.0))
 
 
-def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grads, ret_coef: float) -> None:
-    """param.grad <- g_act + ret_coef * g_ret, updating the stashed action gradient in place."""
-    both_a, both_r, only_r = [], [], []
+def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grads, ret_coef: float,
+                       scale: float = 1.0) -> None:
+    """param.grad <- scale * (g_act + ret_coef * g_ret), in place in the stashed action gradient."""
+    acts, pairs_a, pairs_r, only_r = [], [], [], []
     for p, a, r in zip(params, g_act, g_ret):
-        if a is not None and r is not None:
-            both_a.append(a)
-            both_r.append(r)
+        if a is not None:
+            acts.append(local(a))
+            if r is not None:
+                pairs_a.append(local(a))
+                pairs_r.append(local(r))
         elif r is not None:
-            only_r.append(r)
+            only_r.append(local(r))
         p.grad = a if a is not None else r
-    if both_a and ret_coef != 0.0:
-        torch._foreach_add_(both_a, both_r, alpha=ret_coef)
+    if acts and scale != 1.0:
+        torch._foreach_mul_(acts, scale)
+    if pairs_a and ret_coef != 0.0:
+        torch._foreach_add_(pairs_a, pairs_r, alpha=ret_coef * scale)
     if only_r:
-        torch._foreach_mul_(only_r, ret_coef)
+        torch._foreach_mul_(only_r, ret_coef * scale)

@@ -1,6 +1,7 @@
 """Checkpoints: HF layout on disk, sharding, exact reload, safe overwrite, clear errors."""
 
 import json
+import weakref
 
 import numpy as np
 import pytest
@@ -16,13 +17,14 @@ from prismatic.models import (
     preset_config,
     save_pretrained,
 )
+from prismatic.models import checkpoint
 from prismatic.models.checkpoint import to_disk_name
 
 CONFIG_KEYS = {
     "model_type", "vision_backbone_id", "llm_backbone_id", "arch_specifier", "use_fused_vision_backbone",
-    "image_resize_strategy", "timm_model_ids", "timm_override_act_layers", "image_sizes", "llm_max_length",
-    "pad_token_id", "pad_to_multiple_of", "output_projector_states", "n_action_bins", "norm_stats", "torch_dtype",
-    "text_config",
+    "image_resize_strategy", "timm_model_ids", "timm_override_act_layers", "image_sizes", "hf_llm_id",
+    "llm_max_length", "pad_token_id", "pad_to_multiple_of", "output_projector_states", "n_action_bins", "norm_stats",
+    "torch_dtype", "text_config", "auto_map", "architectures",
 }  # fmt: skip
 STATS = {"libero_spatial": {"action": {"q01": np.array([-0.5] * 7), "q99": [0.5] * 7, "mask": [True] * 6 + [False]}}}
 
@@ -65,8 +67,10 @@ def test_sharded_round_trip(model, tmp_path):
     assert not any("gamma" in k for k in keys)
 
     config = json.loads((out / "config.json").read_text())
-    assert CONFIG_KEYS <= set(config)
-    assert config["text_config"]["vocab_size"] == 32064 and config["torch_dtype"] == "float32"
+    assert set(config) == CONFIG_KEYS
+    assert config["text_config"]["vocab_size"] == 32064 and config["text_config"]["pad_token_id"] == 32000
+    assert config["torch_dtype"] == "float32" and config["architectures"] == ["OpenVLAForActionPrediction"]
+    assert config["auto_map"]["AutoModelForVision2Seq"] == "modeling_prismatic.OpenVLAForActionPrediction"
     assert config["norm_stats"]["libero_spatial"]["action"]["q01"] == [-0.5] * 7
     assert load_dataset_statistics(out) == config["norm_stats"]
 
@@ -136,3 +140,60 @@ def test_clear_errors_on_missing_or_mismatched_files(model, tmp_path):
     (out / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"0 missing.*unexpected.*language_model\.model\.layers\.3\."):
         load_pretrained(out)
+
+
+class _RecordingReader:
+    """Wraps safetensors' reader, keeping weak references to every tensor it hands out."""
+
+    def __init__(self, log, path, **kwargs):
+        self._reader = log.real(path, **kwargs)
+        log.live_at_open.append(log.live())
+        self._log = log
+
+    def __enter__(self):
+        self._reader.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        return self._reader.__exit__(*exc)
+
+    def keys(self):
+        return self._reader.keys()
+
+    def get_tensor(self, key):
+        self._log.live_at_read.append(self._log.live())
+        tensor = self._reader.get_tensor(key)
+        self._log.refs.append(weakref.ref(tensor))
+        self._log.storages.add(tensor.untyped_storage().data_ptr())
+        return tensor
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loading_streams_without_a_second_copy(model, tmp_path, monkeypatch, dtype):
+    """bf16 on disk: a float32 load frees each stored tensor once cast (at most the previous one is alive when the
+    next is read, none when a shard opens or at the end); a bf16 load makes the stored tensors the parameters."""
+    out = save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16, max_shard_size_bytes=2**20)
+
+    class log:
+        real, refs, storages, live_at_open, live_at_read = checkpoint.safe_open, [], set(), [], []
+
+        @classmethod
+        def live(cls):
+            return sum(ref() is not None for ref in cls.refs)
+
+    monkeypatch.setattr(checkpoint, "safe_open", lambda path, **kw: _RecordingReader(log, path, **kw))
+    loaded, _, _ = load_pretrained(out, dtype=dtype)
+    n_shards = len(list(out.glob("model-*.safetensors")))
+    assert n_shards > 2 and len(log.live_at_open) == 2 * n_shards  # key check, then the load
+    if dtype == torch.float32:
+        assert log.live_at_open == [0] * len(log.live_at_open) and max(log.live_at_read) == 1
+        assert all(ref() is None for ref in log.refs)
+    else:
+        assert {p.untyped_storage().data_ptr() for p in loaded.parameters()} <= log.storages
+    assert all(p.dtype == dtype for p in loaded.parameters())
+
+
+def test_explicit_state_dict_replaces_the_models(model, tmp_path):
+    gathered = {k: v + 1 if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    loaded, _, _ = load_pretrained(save_pretrained(model, tmp_path / "ckpt", state_dict=gathered))
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in gathered.items())

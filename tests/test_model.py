@@ -17,7 +17,7 @@ from prismatic.models import (
     load_tokenizer,
     preset_config,
 )
-from prismatic.models.processor import DINO_MEAN, DINO_STD
+from prismatic.models.processor import DINO_MEAN, DINO_STD, SIGLIP_MEAN, SIGLIP_STD
 
 N_IMG = 256
 
@@ -66,7 +66,7 @@ def test_config_keeps_unknown_keys_and_fills_llama_defaults():
     d["transformers_version"] = "4.40.1"
     cfg = VLAModelConfig.from_dict(d)
     assert cfg.to_dict() == d
-    assert cfg.extra == {"auto_map": d["auto_map"], "transformers_version": "4.40.1"}
+    assert cfg.auto_map == d["auto_map"] and cfg.extra == {"transformers_version": "4.40.1"}
     assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.llama_config().rms_norm_eps) == (4096, 32, 1e-6)
 
 
@@ -226,6 +226,44 @@ def test_image_processor_constant_colour():
     torch.testing.assert_close(processor([Image.fromarray(im) for im in images]), batched, rtol=0, atol=0)
     with pytest.raises(ValueError, match="uint8"):
         processor(image.astype(np.float32))
+
+
+def _torchvision_reference(image: Image.Image, strategy: str) -> torch.Tensor:
+    """Upstream's transform chain spelled with torchvision: [letterbox pad], resize, center crop, to_tensor,
+    normalise per backbone, DINO first."""
+    import torchvision.transforms.functional as TVF
+    from torchvision.transforms import InterpolationMode
+
+    if strategy == "letterbox":
+        w, h = image.size
+        pad_x, pad_y = int((max(w, h) - w) / 2), int((max(w, h) - h) / 2)
+        image = TVF.pad(image, [pad_x, pad_y, pad_x, pad_y], fill=(123, 116, 103), padding_mode="constant")
+    size = 224 if strategy == "letterbox" else [224, 224]
+    image = TVF.center_crop(TVF.resize(image, size, InterpolationMode.BICUBIC, antialias=True), 224)
+    pixels = TVF.to_tensor(image)
+    return torch.cat([TVF.normalize(pixels, DINO_MEAN, DINO_STD), TVF.normalize(pixels, SIGLIP_MEAN, SIGLIP_STD)])
+
+
+@pytest.mark.parametrize("strategy", ["resize-naive", "letterbox"])
+@pytest.mark.parametrize("shape", [(100, 150), (151, 90), (224, 224), (480, 640)])
+def test_image_processor_matches_torchvision_chain(strategy, shape):
+    config = preset_config("tiny")
+    config.image_resize_strategy = strategy
+    image = np.random.default_rng(sum(shape)).integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    expected = _torchvision_reference(Image.fromarray(image), strategy)
+    torch.testing.assert_close(ImageProcessor(config)(image), expected, rtol=0, atol=1e-6)
+
+
+def test_letterbox_pads_with_the_dino_mean_colour():
+    config = preset_config("tiny")
+    config.image_resize_strategy = "letterbox"
+    pixels = ImageProcessor(config)(np.full((50, 200, 3), 255, dtype=np.uint8))  # wide: bands top and bottom
+    fill = (np.array([123, 116, 103]) / 255 - DINO_MEAN) / DINO_STD
+    torch.testing.assert_close(pixels[:3, 0, 112], torch.tensor(fill, dtype=torch.float32), rtol=0, atol=1e-6)
+    torch.testing.assert_close(pixels[:3, 112, 112], (1 - torch.tensor(DINO_MEAN)) / torch.tensor(DINO_STD))
+    config.image_resize_strategy = "resize-crop"
+    with pytest.raises(ValueError, match="resize-naive.*letterbox"):
+        ImageProcessor(config)
 
 
 def test_tiny_tokenizer_ids_and_round_trip(tmp_path):

@@ -1,54 +1,10 @@
 """The whole demo pipeline once: assets -> anchor cache -> train_craft.py with the user's flags."""
 
 import json
-import os
 import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-from prismatic.demo import DemoAssetsConfig, make_demo_assets
-
-ROOT = Path(__file__).resolve().parents[1]
-EPS, LAMBDA_LR = 0.001, 50.0
-
-
-@pytest.fixture(scope="session")
-def demo(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo")
-    make_demo_assets(DemoAssetsConfig(out=out, num_tasks=2, episodes_per_task=4, steps_per_episode=15,
-                                      num_anchors=16))
-    return out
-
-
-def user_flags(demo: Path, run_root: Path, **overrides) -> list:
-    flags = {
-        "pretrained_checkpoint": demo / "model", "data_root_dir": demo / "rlds", "vla.data_mix": "libero_90",
-        "craft.enabled": "true", "craft.retention_mode": "hidden", "craft.anchor_cache_dir": demo / "anchor_cache",
-        "craft.pooling": "mean_image_tokens", "craft.hidden_layer": -2, "craft.retention_loss_type": "mse",
-        "craft.epsilon": EPS, "craft.lambda_lr": LAMBDA_LR, "craft.anchor_batch_size": 4,
-        "vla.per_device_batch_size": 8, "vla.learning_rate": 1e-3, "vla.shuffle_buffer_size": 500,
-        "run_root_dir": run_root, "run_id": "run", **overrides,
-    }
-    return [x for k, v in flags.items() for x in (f"--{k}", str(v))]
-
-
-def error_line(res: subprocess.CompletedProcess) -> str:
-    """The program's one error line (torchrun adds its own report around it and exits 1)."""
-    assert res.returncode != 0
-    lines = [line for line in res.stderr.splitlines() if line.startswith("train_craft.py: error:")]
-    assert len(lines) == 1, res.stderr[-3000:]
-    return lines[0]
-
-
-def run_script(args: list, timeout=600) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "1",
-           str(ROOT / "vla-scripts" / "train_craft.py"), *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env={**os.environ, "OMP_NUM_THREADS": "2"})
-
+from launch import EPS, LAMBDA_LR, error_line, run_script, user_flags
 
 def test_training_run_logs_the_eight_fields_and_the_dual_variable_tracks_the_budget(demo, tmp_path):
     res = run_script(user_flags(demo, tmp_path, **{"vla.max_steps": 14, "save_interval": 100}))

@@ -22,9 +22,14 @@ class TrainConfig:
     run_id_note: Optional[str] = None
 
     save_interval: int = 2500
+    keep_last_checkpoints: Optional[int] = 3  # older finished checkpoints are deleted; None keeps all
+    # Continue a run from `<run_root_dir>/<run_id>/checkpoints/step-N` (a path) or its newest one ("latest").
+    resume_from: Optional[str] = None
     image_aug: bool = False
     seed: int = 7
     device: str = "auto"  # auto | cpu | cuda
+    sharding_strategy: str = "full-shard"  # with several processes: full-shard | hybrid-shard (per node)
+    dist_timeout_s: int = 1800  # a collective that waits longer than this ends the job
 
     trackers: Tuple[str, ...] = ("jsonl",)
     wandb_project: str = "openvla-craft"

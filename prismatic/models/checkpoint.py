@@ -3,8 +3,8 @@
 On disk, timm's LayerScale parameters are named `ls{1,2}.scale_factor` (the HF export renames `gamma`, which old
 transformers versions rewrite to `weight` while loading); in memory they keep timm's `gamma`. Saving goes
 through a temporary folder renamed at the end, so an interrupted save never leaves a half-written checkpoint.
-Loading builds the model on the meta device and assigns one shard at a time, so peak memory is about the model
-plus one shard.
+Loading builds the model on the meta device and assigns the tensors shard by shard, each cast as it is read,
+so peak memory is one model copy plus one tensor as stored.
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ import re
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from prismatic.models.config import VLAModelConfig
 from prismatic.models.tokenizer import load_tokenizer
@@ -31,6 +31,20 @@ WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
 STATS_NAME = "dataset_statistics.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
+# Files of a released checkpoint that this writer does not produce but OpenVLA's own loaders read: the HF
+# remote code, the processor and generation configs, and the tokenizer files transformers 5 no longer writes.
+CARRIED_FILES = (
+    "configuration_prismatic.py",
+    "modeling_prismatic.py",
+    "processing_prismatic.py",
+    "preprocessor_config.json",
+    "generation_config.json",
+    "added_tokens.json",
+    "special_tokens_map.json",
+    *TOKENIZER_FILES,
+)
+# Hugging Face's "7GB" (decimal), as in OpenVLA's export: a bfloat16 7B model lands in the published 3 shards.
+DEFAULT_MAX_SHARD_BYTES = 7 * 10**9
 
 
 def to_disk_name(key: str) -> str:
@@ -47,8 +61,8 @@ def _json_default(obj: Any) -> Any:
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
 
 
-def _write_json(path: Path, obj: Any) -> None:
-    path.write_text(json.dumps(obj, indent=2, default=_json_default) + "\n")
+def _write_json(path: Path, obj: Any, sort_keys: bool = False) -> None:
+    path.write_text(json.dumps(obj, indent=2, sort_keys=sort_keys, default=_json_default) + "\n")
 
 
 def _plan_shards(sizes: dict[str, int], max_shard_size_bytes: int) -> list[list[str]]:
@@ -64,9 +78,9 @@ def _plan_shards(sizes: dict[str, int], max_shard_size_bytes: int) -> list[list[
     return shards
 
 
-def _write_weights(model: OpenVLA, folder: Path, max_shard_size_bytes: int, dtype: torch.dtype | None) -> str:
+def _write_weights(state_dict: dict, folder: Path, max_shard_size_bytes: int, dtype: torch.dtype | None) -> str:
     """Write the safetensors file(s) (+ index when sharded); return the saved floating dtype's name."""
-    state = {to_disk_name(k): v for k, v in model.state_dict().items()}
+    state = {to_disk_name(k): v for k, v in state_dict.items()}
     cast = {k: dtype if dtype is not None and v.is_floating_point() else v.dtype for k, v in state.items()}
     sizes = {k: v.numel() * cast[k].itemsize for k, v in state.items()}
     shards = _plan_shards(sizes, max_shard_size_bytes)
@@ -77,9 +91,17 @@ def _write_weights(model: OpenVLA, folder: Path, max_shard_size_bytes: int, dtyp
         save_file(tensors, str(folder / name), metadata={"format": "pt"})
     if len(shards) > 1:
         weight_map = {k: name for name, keys in zip(names, shards) for k in keys}
-        _write_json(folder / INDEX_NAME, {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map})
+        index = {"metadata": {"total_size": sum(sizes.values())}, "weight_map": weight_map}
+        _write_json(folder / INDEX_NAME, index, sort_keys=True)
     floating = [d for d in cast.values() if d.is_floating_point]
     return str(floating[0]).removeprefix("torch.") if floating else "float32"
+
+
+def _carry_files(source_dir: Path, folder: Path) -> None:
+    """Copy the `CARRIED_FILES` of the source checkpoint that the save did not write itself."""
+    for name in CARRIED_FILES:
+        if (source_dir / name).is_file() and not (folder / name).exists():
+            shutil.copy2(source_dir / name, folder / name)
 
 
 def save_pretrained(
@@ -87,11 +109,19 @@ def save_pretrained(
     out_dir: str | Path,
     tokenizer=None,
     dataset_statistics: dict | None = None,
-    max_shard_size_bytes: int = 5 * 2**30,
+    max_shard_size_bytes: int = DEFAULT_MAX_SHARD_BYTES,
     dtype: torch.dtype | None = None,
     overwrite: bool = False,
+    source_dir: str | Path | None = None,
+    state_dict: dict | None = None,
 ) -> Path:
-    """Write a loadable checkpoint folder; `dtype` casts floating weights (e.g. torch.bfloat16 as published)."""
+    """Write a checkpoint folder in the openvla-7b layout.
+
+    `dataset_statistics` (default: the config's `norm_stats`) go both into config.json and dataset_statistics.json.
+    `dtype` casts floating weights (torch.bfloat16 as published). `source_dir`, the checkpoint the model was loaded
+    from, contributes its `CARRIED_FILES`, so the result also loads with OpenVLA's own (remote-code) classes.
+    `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
+    """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise FileExistsError(f"{out} exists and is not a folder")
@@ -103,11 +133,15 @@ def save_pretrained(
         config = model.config.to_dict()
         if dataset_statistics is not None:
             config["norm_stats"] = dataset_statistics
-            _write_json(tmp / STATS_NAME, dataset_statistics)
-        config["torch_dtype"] = _write_weights(model, tmp, max_shard_size_bytes, dtype)
-        _write_json(tmp / CONFIG_NAME, config)
+        if config["norm_stats"] is not None:
+            _write_json(tmp / STATS_NAME, config["norm_stats"])
+        weights = model.state_dict() if state_dict is None else state_dict
+        config["torch_dtype"] = _write_weights(weights, tmp, max_shard_size_bytes, dtype)
+        _write_json(tmp / CONFIG_NAME, config, sort_keys=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
+        if source_dir is not None:
+            _carry_files(Path(source_dir), tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -156,10 +190,22 @@ def _rebuild_rotary(model: OpenVLA, device: torch.device) -> None:
         llm.rotary_emb = type(llm.rotary_emb)(config=llm.config)
 
 
+def _read_shard(path: Path, dtype: torch.dtype, device: torch.device) -> Iterator[tuple[str, torch.Tensor]]:
+    """(in-memory name, tensor) one at a time: each stored tensor is dropped as soon as it is cast."""
+    with safe_open(str(path), framework="pt", device=str(device)) as reader:
+        for key in reader.keys():
+            tensor = reader.get_tensor(key)
+            yield from_disk_name(key), tensor.to(dtype) if tensor.is_floating_point() else tensor
+
+
 def load_pretrained(
     path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
 ) -> tuple[OpenVLA, Any, VLAModelConfig]:
-    """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder."""
+    """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder.
+
+    Floating weights are cast to `dtype`. The config's `norm_stats` are replaced by dataset_statistics.json when
+    the folder has one (a fine-tuned checkpoint's own statistics), as OpenVLA's evaluation scripts do.
+    """
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
@@ -167,6 +213,8 @@ def load_pretrained(
     if not config_path.is_file():
         raise FileNotFoundError(f"{config_path} not found: expected an OpenVLA checkpoint folder with {CONFIG_NAME}")
     config = VLAModelConfig.from_dict(json.loads(config_path.read_text()))
+    if (folder / STATS_NAME).is_file():
+        config.norm_stats = load_dataset_statistics(folder)
     files = _weight_files(folder)
     device = torch.device(device)
 
@@ -174,10 +222,7 @@ def load_pretrained(
         model = OpenVLA.from_config(config)
     _check_keys(set(model.state_dict()), files)
     for f in files:
-        shard = load_file(str(f), device=str(device))
-        shard = {from_disk_name(k): v.to(dtype) if v.is_floating_point() else v for k, v in shard.items()}
-        model.load_state_dict(shard, strict=False, assign=True)
-        del shard
+        model.load_state_dict(dict(_read_shard(f, dtype, device)), strict=False, assign=True)
     _rebuild_rotary(model, device)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:

@@ -1,8 +1,9 @@
 """Model configuration, field for field the Hugging Face `config.json` of openvla/openvla-7b.
 
 Keeping the exact field names lets a real `config.json` be read, and ours be read by Hugging Face code.
-Keys we do not model (`auto_map`, `architectures`, `transformers_version`, ...) are kept in `extra` and
-written back unchanged, so a real file round-trips.
+`architectures` and `auto_map` name OpenVLA's remote-code classes, which is how HF tooling recognises the
+folder. Keys we do not model (`transformers_version`, ...) are kept in `extra` and written back unchanged, so
+a real file round-trips.
 """
 
 from __future__ import annotations
@@ -36,8 +37,16 @@ class VLAModelConfig:
     pad_to_multiple_of: int = 64
     output_projector_states: bool = False
     n_action_bins: int = 256
+    # {dataset: {"action": {"q01", "q99", "mask", ...}, ...}}; load_pretrained prefers dataset_statistics.json.
     norm_stats: dict[str, Any] | None = None
     torch_dtype: str = "float32"
+    architectures: list[str] = field(default_factory=lambda: ["OpenVLAForActionPrediction"])
+    auto_map: dict[str, str] = field(
+        default_factory=lambda: {
+            "AutoConfig": "configuration_prismatic.OpenVLAConfig",
+            "AutoModelForVision2Seq": "modeling_prismatic.OpenVLAForActionPrediction",
+        }
+    )
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
@@ -62,6 +71,11 @@ class VLAModelConfig:
     @property
     def num_hidden_layers(self) -> int:
         return self.llama_config().num_hidden_layers
+
+    @property
+    def base_vocab_size(self) -> int:
+        """Text vocabulary without <PAD> and the padding rows (32000): where the action ids end."""
+        return self.llama_config().vocab_size - self.pad_to_multiple_of
 
     @property
     def num_image_tokens(self) -> int:

@@ -9,6 +9,7 @@ and re-tokenizing the string gives the same ids back, which the prompt builder r
 
 from __future__ import annotations
 
+import importlib.util
 from pathlib import Path
 
 from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -56,5 +57,10 @@ def build_tiny_tokenizer() -> PreTrainedTokenizerFast:
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     """The tokenizer saved in a checkpoint folder (`tokenizer.save_pretrained(path)`), read offline."""
+    path = Path(path)
+    only_spm = not (path / "tokenizer.json").is_file() and (path / "tokenizer.model").is_file()
+    if only_spm and importlib.util.find_spec("sentencepiece") is None:
+        # transformers would otherwise fall back to reading it as a tiktoken file and fail obscurely.
+        raise ImportError(f"{path} has a sentencepiece tokenizer.model but no tokenizer.json: install sentencepiece")
     # Passing a config keeps AutoTokenizer from parsing config.json, whose model_type "openvla" it does not know.
     return AutoTokenizer.from_pretrained(str(path), local_files_only=True, config=PretrainedConfig())

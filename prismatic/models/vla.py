@@ -69,7 +69,10 @@ class OpenVLA(nn.Module):
         self.vision_backbone.featurizer.set_grad_checkpointing(True)
         self.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
 
-    def _run_llm(self, pixel_values, input_ids, attention_mask, output_hidden_states: bool):
+    def embed_multimodal(
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The LLM's input embeddings [B, T+256, D] and attention mask [B, T+256] (None stays None)."""
         vision_dtype = self.vision_backbone.featurizer.patch_embed.proj.weight.dtype
         patches = self.projector(self.vision_backbone(pixel_values.to(vision_dtype)))
         text_embeds = self.language_model.get_input_embeddings()(input_ids)
@@ -77,6 +80,10 @@ class OpenVLA(nn.Module):
         if attention_mask is not None:
             image_mask = attention_mask.new_ones((attention_mask.shape[0], patches.shape[1]))
             attention_mask = _splice(attention_mask, image_mask)
+        return embeds, attention_mask
+
+    def _run_llm(self, pixel_values, input_ids, attention_mask, output_hidden_states: bool):
+        embeds, attention_mask = self.embed_multimodal(pixel_values, input_ids, attention_mask)
         return self.language_model.model(
             inputs_embeds=embeds,
             attention_mask=attention_mask,
@@ -113,6 +120,12 @@ class OpenVLA(nn.Module):
         action_targets = targets[supervised]
         loss = F.cross_entropy(action_logits, action_targets)
         return VLAOutput(loss, action_logits, action_targets, hidden_states=hidden_states)
+
+    def predict_action(self, images, instructions, tokenizer, unnorm_key: str | None = None, processor=None):
+        """Greedy-decoded, un-normalised actions [B, action_dim]; see `prismatic.models.predict.predict_action`."""
+        from prismatic.models.predict import predict_action  # deferred: prismatic.vla.batching imports this module
+
+        return predict_action(self, images, instructions, tokenizer, unnorm_key, processor)
 
     def hidden_states(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int

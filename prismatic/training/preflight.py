@@ -6,7 +6,6 @@ expected and the found value.
 """
 
 import json
-import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,9 +13,11 @@ from typing import List, Optional
 
 import torch
 
-from craft.anchor_cache import check_cache_matches, read_meta
+from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
 from prismatic.conf.train import TRACKERS, TrainConfig
 from prismatic.models.config import VLAModelConfig
+from prismatic.training.checkpointing import resolve_resume
+from prismatic.training.distributed import SHARDING_STRATEGIES, DistEnv, dist_env_from_environ
 from prismatic.vla.datasets import check_data_root, resolve_mixture
 
 
@@ -30,13 +31,22 @@ class Plan:
 
     run_id: str
     run_dir: Path
+    env: DistEnv
     device: torch.device
-    world_size: int
     grad_accumulation_steps: int
     model_config: VLAModelConfig
     mixture: list
-    cache_meta: Optional[dict] = None
+    cache: Optional[AnchorCache] = None
+    resume_path: Optional[Path] = None  # the checkpoint to continue from
     notes: List[str] = field(default_factory=list)
+
+    @property
+    def world_size(self) -> int:
+        return self.env.world_size
+
+    @property
+    def cache_meta(self) -> Optional[dict]:
+        return self.cache.meta if self.cache else None
 
 
 def preflight(cfg: TrainConfig) -> Plan:
@@ -47,12 +57,8 @@ def preflight(cfg: TrainConfig) -> Plan:
 
 
 def _preflight(cfg: TrainConfig) -> Plan:
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    if world_size != 1:
-        raise ValueError(
-            f"train_craft.py runs one process per job in this version; torchrun started {world_size} "
-            "(--nproc-per-node / --nnodes)"
-        )
+    env = dist_env_from_environ()
+    world_size = env.world_size
     cfg.vla.validate(world_size)
     cfg.craft.validate()
     notes = []
@@ -61,10 +67,16 @@ def _preflight(cfg: TrainConfig) -> Plan:
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
                       "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
     check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
-    model_config = _read_model_config(cfg.pretrained_checkpoint)
+    run_id = cfg.make_run_id()
+    run_dir = Path(cfg.run_root_dir) / run_id
+    resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
+    if resume_path is None and cfg.pretrained_checkpoint is None:
+        raise ValueError("--pretrained_checkpoint is required: a local OpenVLA checkpoint folder (config.json + "
+                         "safetensors); found: not set")
+    model_config = _read_model_config(resume_path or cfg.pretrained_checkpoint)
     n_states = model_config.num_hidden_layers + 1
 
-    cache_meta = None
+    cache = None
     if cfg.craft.enabled:
         if not -n_states <= cfg.craft.hidden_layer < n_states:
             raise ValueError(
@@ -77,8 +89,10 @@ def _preflight(cfg: TrainConfig) -> Plan:
             dtype=cfg.vla.compute_dtype, hidden_dim=model_config.hidden_size,
             anchor_batch_size=cfg.craft.anchor_batch_size, cache_dir=cfg.craft.anchor_cache_dir,
         )
+        cache = AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
         produced_by = cache_meta.get("model", {}).get("checkpoint")
-        if produced_by and Path(produced_by).resolve() != Path(cfg.pretrained_checkpoint).resolve():
+        if produced_by and cfg.pretrained_checkpoint and \
+                Path(produced_by).resolve() != Path(cfg.pretrained_checkpoint).resolve():
             notes.append(f"the anchor cache was built from {produced_by}, training starts from "
                          f"{cfg.pretrained_checkpoint}: L_ret > 0 from the first step")
 
@@ -87,38 +101,43 @@ def _preflight(cfg: TrainConfig) -> Plan:
             raise ValueError(f"--trackers must be a subset of {list(TRACKERS)}; found {tracker!r}")
     if cfg.save_interval < 1:
         raise ValueError(f"--save_interval must be >= 1; found {cfg.save_interval}")
+    if cfg.keep_last_checkpoints is not None and cfg.keep_last_checkpoints < 1:
+        raise ValueError(f"--keep_last_checkpoints must be >= 1 (or null to keep all); found {cfg.keep_last_checkpoints}")
+    if cfg.sharding_strategy not in SHARDING_STRATEGIES:
+        raise ValueError(f"--sharding_strategy must be one of {list(SHARDING_STRATEGIES)}; found {cfg.sharding_strategy!r}")
+    if world_size % env.local_world_size:
+        raise ValueError(f"world size {world_size} is not a multiple of the processes per node {env.local_world_size}")
+    if cfg.dist_timeout_s < 1:
+        raise ValueError(f"--dist_timeout_s must be >= 1; found {cfg.dist_timeout_s}")
     if cfg.dry_run_batches < 0:
         raise ValueError(f"--dry_run_batches must be >= 0; found {cfg.dry_run_batches}")
 
-    run_id = cfg.make_run_id()
-    run_dir = Path(cfg.run_root_dir) / run_id
-    if not cfg.dry_run_batches and run_dir.exists() and any(run_dir.iterdir()):
+    if resume_path is None and not cfg.dry_run_batches and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
-            f"run directory {run_dir} already holds a run; pick another --run_id or --run_id_note "
-            "(nothing there was touched)"
+            f"run directory {run_dir} already holds a run; continue it with --resume_from latest, or pick "
+            "another --run_id or --run_id_note (nothing there was touched)"
         )
     return Plan(
-        run_id=run_id, run_dir=run_dir, device=resolve_device(cfg.device), world_size=world_size,
+        run_id=run_id, run_dir=run_dir, env=env, device=resolve_device(cfg.device, env),
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
-        mixture=mixture, cache_meta=cache_meta, notes=notes,
+        mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
     )
 
 
-def _read_model_config(checkpoint: Optional[Path]) -> VLAModelConfig:
-    if checkpoint is None:
-        raise ValueError("--pretrained_checkpoint is required: a local OpenVLA checkpoint folder (config.json + "
-                         "safetensors); found: not set")
+def _read_model_config(checkpoint: Path) -> VLAModelConfig:
     config_file = Path(checkpoint) / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"--pretrained_checkpoint {checkpoint}: expected {config_file}, which does not exist")
     return VLAModelConfig.from_dict(json.loads(config_file.read_text()))
 
 
-def resolve_device(name: str) -> torch.device:
+def resolve_device(name: str, env: DistEnv = DistEnv()) -> torch.device:
+    """This process's device: the GPU of its local rank, or the CPU."""
     if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        name = "cuda" if torch.cuda.is_available() else "cpu"
     if name not in ("cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda; found {name!r}")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for but no CUDA device is visible")
-    return torch.device(name)
+    if name == "cuda" and torch.cuda.device_count() <= env.local_rank:
+        raise ValueError(f"--device cuda: local rank {env.local_rank} needs a GPU but {torch.cuda.device_count()} "
+                         "are visible")
+    return torch.device("cuda", env.local_rank) if name == "cuda" else torch.device("cpu")

@@ -1,7 +1,8 @@
 """The training loop: composes the OpenVLA model and data with CRaFT's step.
 
-Order of work: pre-flight checks (cheap, may fail) -> model, data, cache -> steps -> logs and
-checkpoints. `--craft.enabled false` runs exactly the baseline step on the same batches.
+Order of work: pre-flight checks (cheap, may fail; before any process group, model or data) ->
+process group, model (sharded with several processes), data, optimizer -> optional resume ->
+steps -> logs and checkpoints. `--craft.enabled false` runs exactly the baseline step.
 """
 
 import json
@@ -9,20 +10,22 @@ import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict
-from pathlib import Path
 from typing import List, Optional
 
 import draccus
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.dual import RetentionConstraint
 from craft.retention import pool_hidden, retention_loss
-from craft.step import StepResult, baseline_step, craft_step
+from craft.step import Collective, StepResult, baseline_step, craft_step
 from prismatic.conf.train import TrainConfig
-from prismatic.models import ImageProcessor, load_pretrained, save_pretrained
+from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
+from prismatic.training.checkpointing import load_training_state, save_checkpoint
+from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
 from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink, action_metrics
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
 from prismatic.training.preflight import Plan, preflight
@@ -40,39 +43,62 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: TrainConfig) -> List[dict]:
-    """Runs the job; returns the per-step records (all of them for a dry run)."""
+    """Runs the job; returns this rank's per-step records."""
     plan = preflight(cfg)
-    for note in plan.notes:
-        print(f"note: {note}", flush=True)
-    seed_everything(cfg.seed)
-    device = plan.device
+    env, device = plan.env, plan.device
+    init_process_group(env, device, cfg.dist_timeout_s)
+    try:
+        return _train(cfg, plan)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
 
-    model, tokenizer, model_config = load_pretrained(cfg.pretrained_checkpoint, dtype=torch.float32, device=device)
-    params = apply_train_stage(model, cfg.vla.train_stage)
+
+def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
+    env, device = plan.env, plan.device
+    if env.is_main:
+        for note in plan.notes:
+            print(f"note: {note}", flush=True)
+    seed_everything(cfg.seed)
+
+    model, tokenizer, model_config = load_pretrained(plan.resume_path or cfg.pretrained_checkpoint,
+                                                     dtype=torch.float32, device=device)
+    apply_train_stage(model, cfg.vla.train_stage)
     if cfg.vla.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if cfg.vla.enable_mixed_precision_training
-                else nullcontext())
+    mixed = cfg.vla.enable_mixed_precision_training
+    collective = Collective()
+    if env.distributed:  # FSDP2 computes in bf16 itself; one process uses autocast for the same effect
+        replicate = shard_model(model, env, device, cfg.sharding_strategy, mixed)
+        collective = FSDPCollective(model, env, device, replicate)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed and not env.distributed else nullcontext()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
+    constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
 
+    start = 0
+    if plan.resume_path is not None:
+        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
+        start = state["step"]
+        if constraint is not None:
+            constraint.load_state_dict(state["craft"])
+    accum = plan.grad_accumulation_steps
+    frames_per_step = cfg.vla.per_device_batch_size * accum
     stream = RLDSStream(cfg.data_root_dir, cfg.vla.data_mix, train=True, shuffle_buffer_size=cfg.vla.shuffle_buffer_size,
-                        image_aug=cfg.image_aug, seed=cfg.seed)
+                        image_aug=cfg.image_aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                        skip_frames=start * frames_per_step)
     processor = ImageProcessor(model_config)
     action_tokenizer = ActionTokenizer(n_bins=model_config.n_action_bins)
     batches = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
                             PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length), action_tokenizer)
-    optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
-
-    cache = AnchorCache.open(cfg.craft.anchor_cache_dir) if cfg.craft.enabled else None
-    constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
 
     def action_loss_fn(batch, micro_metrics: list):
         def fn():
             with autocast:
                 out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-            micro_metrics.append(action_metrics(out.action_logits.detach(), out.action_targets,
-                                                                  action_tokenizer))
+            micro_metrics.append(action_metrics(out.action_logits.detach(), out.action_targets, action_tokenizer))
             return out.loss
         return fn
 
@@ -86,25 +112,26 @@ def train(cfg: TrainConfig) -> List[dict]:
         return fn
 
     dry_run = cfg.dry_run_batches > 0
-    n_steps = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
-    metrics = _open_sinks(cfg, plan, stream.statistics) if not dry_run else Metrics([ConsoleSink()])
-    accum = plan.grad_accumulation_steps
+    end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
+    metrics = _open_sinks(cfg, plan, stream.statistics, start) if env.is_main and not dry_run else \
+        Metrics([ConsoleSink()] if env.is_main else [])
     records = []
     try:
-        for step in range(n_steps):
+        for step in range(start, end):
             t0 = time.perf_counter()
             act_batches = [to_device(next(batches), device) for _ in range(accum)]
             micro_metrics: list = []
             act_fns = [action_loss_fn(b, micro_metrics) for b in act_batches]
-            if cache is not None:
-                ret_batches = [to_device(_anchor_batch(cache, step * accum + k, cfg, processor), device)
+            if constraint is not None:
+                # Draw k of this rank: with accumulation, the same anchors a wider launch would draw.
+                ret_batches = [to_device(_anchor_batch(plan.cache, step * accum + k, cfg, processor, env), device)
                                for k in range(accum)]
                 t_data = time.perf_counter() - t0
                 result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
-                                    cfg.vla.max_grad_norm)
+                                    cfg.vla.max_grad_norm, collective)
             else:
                 t_data = time.perf_counter() - t0
-                result = baseline_step(params, optimizer, act_fns, cfg.vla.max_grad_norm)
+                result = baseline_step(params, optimizer, act_fns, cfg.vla.max_grad_norm, collective)
             lr = scheduler.get_last_lr()[0]
             if not result.skipped:
                 scheduler.step()
@@ -112,28 +139,34 @@ def train(cfg: TrainConfig) -> List[dict]:
                 torch.cuda.synchronize()
             step_time = time.perf_counter() - t0
             record = _record(step + 1, cfg, result, constraint, lr, micro_metrics, step_time, t_data,
-                             cfg.vla.per_device_batch_size * accum * plan.world_size)
+                             frames_per_step * env.world_size)
             metrics.log(record)
             records.append(record)
-            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == n_steps):
-                _save(plan.run_dir, step + 1, model, tokenizer, stream.statistics, constraint)
+            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+                trainer_state = {"step": step + 1, "craft": constraint.state_dict() if constraint else None,
+                                 "frames_per_rank": (step + 1) * frames_per_step, "run_id": plan.run_id}
+                save_checkpoint(plan.run_dir, step + 1, model=model, tokenizer=tokenizer,
+                                dataset_statistics=stream.statistics, optimizer=optimizer, scheduler=scheduler,
+                                trainer_state=trainer_state, env=env, keep_last=cfg.keep_last_checkpoints)
     finally:
         metrics.close()
-    if dry_run:
+    if dry_run and env.is_main:
         total, trainable = parameter_counts(model)
         print(dry_run_report(cfg, plan, records, total, trainable, device), flush=True)
     return records
 
 
-def _anchor_batch(cache: AnchorCache, draw: int, cfg: TrainConfig, processor) -> dict:
-    rows = cache.batch(anchor_indices(draw, cfg.craft.anchor_batch_size, cache.num_anchors, cfg.craft.anchor_seed))
+def _anchor_batch(cache: AnchorCache, draw: int, cfg: TrainConfig, processor, env) -> dict:
+    indices = anchor_indices(draw, cfg.craft.anchor_batch_size, cache.num_anchors, cfg.craft.anchor_seed,
+                             rank=env.rank, world_size=env.world_size)
+    rows = cache.batch(indices)
     return {**anchor_inputs(rows, processor), "target_features": torch.from_numpy(rows["target_features"])}
 
 
 def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optional[RetentionConstraint], lr: float,
             micro_metrics: List[dict], step_time: float, data_time: float, samples: int) -> dict:
     """The eight CRaFT fields under the user's names, then what else a user expects to watch."""
-    craft = cfg.craft.enabled
+    craft = constraint is not None
     record = {
         "step": step,
         "retention_mode": cfg.craft.retention_mode if craft else "disabled",
@@ -151,30 +184,30 @@ def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optiona
         "data_time_s": data_time,
         "samples_per_s": samples / step_time,
     }
-    for key in ("action_accuracy", "l1_loss"):
+    for key in ("action_accuracy", "l1_loss"):  # this rank's micro-batches (rank 0 logs)
         values = [m[key] for m in micro_metrics]
         record[key] = float(np.mean(values)) if values else None
     return record
 
 
-def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict) -> Metrics:
+def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict, start: int) -> Metrics:
+    """Rank 0's sinks. On resume, log rows past the checkpoint are moved aside, not lost."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(draccus.dump(cfg))
     (plan.run_dir / "dataset_statistics.json").write_text(json.dumps(dataset_statistics, indent=2))
+    log = plan.run_dir / "metrics.jsonl"
+    if start and log.exists():
+        lines = log.read_text().splitlines()
+        kept = [line for line in lines if json.loads(line)["step"] <= start]
+        if len(kept) < len(lines):
+            stamp = time.strftime("%Y%m%d-%H%M%S")
+            (plan.run_dir / f"metrics.superseded-{stamp}.jsonl").write_text(
+                "\n".join(line for line in lines if json.loads(line)["step"] > start) + "\n")
+            log.write_text("".join(line + "\n" for line in kept))
     sinks = [ConsoleSink()]
     if "jsonl" in cfg.trackers:
-        sinks.append(JsonlSink(plan.run_dir / "metrics.jsonl"))
+        sinks.append(JsonlSink(log))
     if "wandb" in cfg.trackers:
         sinks.append(WandbSink(plan.run_dir, plan.run_id, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode,
                                config=json.loads(json.dumps(asdict(cfg), default=str))))
     return Metrics(sinks)
-
-
-def _save(run_dir: Path, step: int, model, tokenizer, dataset_statistics: dict,
-          constraint: Optional[RetentionConstraint]) -> Path:
-    """`checkpoints/step-NNNNNN/`: the model in the OpenVLA layout plus the CRaFT dual state."""
-    out = run_dir / "checkpoints" / f"step-{step:06d}"
-    save_pretrained(model, out, tokenizer=tokenizer, dataset_statistics=dataset_statistics)
-    state = {"step": step, "craft": constraint.state_dict() if constraint else None}
-    (out / "trainer_state.json").write_text(json.dumps(state, indent=2))
-    return out

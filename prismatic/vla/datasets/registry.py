@@ -65,7 +65,7 @@ DATASETS: dict[str, DatasetConfig] = {
 
 MIXTURES: dict[str, list[tuple[str, float]]] = {
     **{name: [(name, 1.0)] for name in DATASETS},
-    "libero_90": [("libero_90_no_noops", 1.0)],
+    "libero_90": [("libero_90_no_noops", 1.0)],  # the short name means the no-noops data, as for eval
     "libero_4_suites": [(f"{suite}_no_noops", 1.0) for suite in LIBERO_EVAL_SUITES],
 }
 

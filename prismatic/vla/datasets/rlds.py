@@ -6,7 +6,6 @@ then sampled by weight x size, shuffled frame by frame, and only then decoded an
 shuffle buffer holds small JPEG bytes rather than decoded images.
 """
 
-import logging
 from pathlib import Path
 
 import numpy as np
@@ -15,8 +14,6 @@ from tqdm import tqdm
 from prismatic.util.tf_setup import import_tensorflow
 from prismatic.vla.datasets.registry import DATASETS, DatasetConfig, check_data_root, resolve_mixture
 from prismatic.vla.datasets.statistics import compute_or_load_statistics, normalize_bounds_q99, summarize
-
-log = logging.getLogger(__name__)
 
 AUG_CROP_SCALE, AUG_CROP_RATIO = 0.9, 1.0
 AUG_BRIGHTNESS, AUG_CONTRAST, AUG_SATURATION, AUG_HUE = 0.2, (0.8, 1.2), (0.8, 1.2), 0.05
@@ -101,6 +98,7 @@ class RLDSStream:
         seed: int = 7,
         rank: int = 0,
         world_size: int = 1,
+        skip_frames: int = 0,
     ):
         self.mixture = resolve_mixture(data_mix)
         check_data_root(data_root_dir, data_mix)
@@ -110,6 +108,7 @@ class RLDSStream:
         self.train, self.image_size, self.image_aug = train, image_size, image_aug
         self._seed = int(np.random.SeedSequence([seed, rank]).generate_state(1)[0] >> 1)  # fits int32 and int64
         self.shuffle_buffer_size = shuffle_buffer_size
+        self.skip_frames = skip_frames  # a resumed run continues exactly where its stream stopped
         self._builders, self._splits, self.statistics = {}, {}, {}
         for name, _ in self.mixture:
             config = DATASETS[name]
@@ -135,9 +134,9 @@ class RLDSStream:
 
     def __iter__(self):
         for frame in self._frames().as_numpy_iterator():
-            yield {
-                "image": frame["image"],
-                "action": frame["action"],
+            yield {  # copies: TF hands out read-only arrays, which torch.from_numpy warns about
+                "image": frame["image"].copy(),
+                "action": frame["action"].copy(),
                 "instruction": frame["instruction"].decode(),
                 "dataset_name": frame["dataset_name"].decode(),
             }
@@ -172,7 +171,9 @@ class RLDSStream:
                 image = augment(image, seed=tf.stack([tf.constant(self._seed, tf.int64), index]))
             return {**frame, "image": image}
 
-        frames = frames.enumerate().map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
+        # Skipped frames are never decoded; the index keeps augmentation seeds where they were.
+        frames = frames.enumerate().skip(self.skip_frames)
+        frames = frames.map(decode, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         options = tf.data.Options()
         options.deterministic = True
         return frames.with_options(options).prefetch(2)

@@ -1,0 +1,479 @@
+"""Time one training step, baseline vs CRaFT, on one model and the same synthetic batches, in one process.
+
+    python benchmarks/bench_step.py --preset tiny --device cpu --batch 8 --anchor_batch 4 \
+        --out benchmarks/results/step_tiny_cpu_b8_a4.json
+    python benchmarks/bench_step.py --preset openvla-7b --device cuda --dtype bfloat16 --batch 16 \
+        --anchor_batch 4 --grad_checkpointing true --out step_7b_h100_b16_a4.json
+
+No dataset, no TensorFlow, no download: random uint8 images go through `ImageProcessor`, token ids are built
+by `training_example` with the offline tiny tokenizer (its ids are OpenVLA's ids), and the weights are
+random (built on the meta device, materialised with `to_empty` on the target device, then filled).
+
+What is timed (median of `--repeats` after `--warmup`, device-synchronised; the kinds are interleaved
+within each repeat so slow drifts of the machine hit all of them alike):
+  t_base_s      craft.step.baseline_step on the action batch of B: forward + backward L_act, clipping.
+  t_base_bpa_s  the same on an action batch of B + A samples (the first B are the batch above).
+  t_craft_s     craft.step.craft_step: L_act on B, L_ret on A anchors (hidden layer -2, mean_image_tokens,
+                mse against random targets), take_grads, grad_products, Surgery.decide,
+                combine_into_grads, clipping.
+  t_anchor_s    the anchor forward + backward alone.
+  t_surgery_s   grad_products + Surgery.decide + combine_into_grads alone, on random tensors shaped like
+                the gradients the action loss produces (parameters it leaves without gradient are left out,
+                as in the real step).
+The optimizer update is left out of both steps (an optimizer stub whose step() does nothing, so the real
+craft_step / baseline_step code runs): it is the same work for both and AdamW's state for 7B does not fit
+one GPU. `--with_optimizer` times torch.optim.AdamW too (small presets).
+
+lambda is held at 1 (lambda_lr 0) so combine_into_grads always does its add: with lambda 0 and no conflict it
+would skip the add, and the step would be timed without it.
+
+surgery_bytes counts, at the gradients' storage dtype, each pass over memory the surgery makes:
+  grad_products: the dot product reads g_act and g_ret (2G), the two squared norms read them again (2G);
+  combine_into_grads: g_act += c g_ret reads both and writes g_act (3G);
+so surgery_bytes = 7 G with G = bytes of one gradient buffer (`grad_buffer_bytes`). The float32 copies
+grad_products makes of bfloat16 gradients (`.float()`) are extra traffic that is NOT counted, so
+surgery_bandwidth_gbps = surgery_bytes / t_surgery_s / 1e9 is the effective bandwidth of the operation.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakRSS, base_record, cpu_description, median, release_host_memory, write_json  # noqa: E402
+
+import prismatic  # noqa: E402,F401  (before timm: installs the torchvision import guard)
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+
+from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint  # noqa: E402
+from craft.retention import pool_hidden, retention_loss  # noqa: E402
+from craft.step import baseline_step, craft_step  # noqa: E402
+from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products  # noqa: E402
+from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
+from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
+from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
+
+INSTRUCTIONS = (
+    "put the black bowl on the plate",
+    "open the top drawer of the cabinet",
+    "pick up the alphabet soup and place it in the basket",
+    "turn on the stove",
+    "put the wine bottle on top of the cabinet",
+    "push the plate to the front of the stove",
+)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+HIDDEN_LAYER, POOLING, LOSS_TYPE = -2, "mean_image_tokens", "mse"
+MAX_GRAD_NORM = 1.0
+
+REQUIRED_KEYS = (
+    "device", "preset", "batch", "anchor_batch", "dtype", "date", "torch_version", "transformers_version",
+    "params", "trainable_params", "t_base_s", "t_base_bpa_s", "t_craft_s", "t_anchor_s", "t_surgery_s",
+    "surgery_bytes", "surgery_bandwidth_gbps", "peak_mem_base_bytes", "peak_mem_craft_bytes", "mem_method",
+    "floor_ratio", "ratio",
+)
+
+
+def str2bool(s: str) -> bool:
+    if s.lower() in ("1", "true", "yes", "y"):
+        return True
+    if s.lower() in ("0", "false", "no", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {s!r}")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--batch", type=int, default=8, help="action batch B")
+    p.add_argument("--anchor_batch", type=int, default=4, help="anchor batch A")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None,
+                   help="parameter (and gradient) dtype; default: the preset's torch_dtype")
+    p.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
+                   help="bfloat16: run forward passes under torch.autocast (the trainer's mixed precision)")
+    p.add_argument("--grad_checkpointing", type=str2bool, default=False)
+    p.add_argument("--with_optimizer", action="store_true", help="include an AdamW update in both steps")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=None, help="JSON output file")
+    args = p.parse_args(argv)
+    if args.batch < 1 or args.anchor_batch < 1 or args.repeats < 1 or args.warmup < 0:
+        p.error("--batch, --anchor_batch and --repeats must be >= 1, --warmup >= 0")
+    return args
+
+
+# ---------------------------------------------------------------------------------------------------- model
+
+
+@torch.no_grad()
+def init_random_(model: torch.nn.Module, seed: int, device: torch.device) -> None:
+    """Weights N(0, 0.02), biases 0, norm weights 1, LayerScale 0.1: finite losses, nothing loaded."""
+    gen = torch.Generator(device=device).manual_seed(seed)
+    for name, p in model.named_parameters():
+        if p.ndim >= 2:
+            p.normal_(0.0, 0.02, generator=gen)
+        elif name.endswith("bias"):
+            p.zero_()
+        elif name.endswith("gamma"):
+            p.fill_(0.1)
+        else:
+            p.fill_(1.0)
+
+
+def build_model(preset: str, device: torch.device, dtype: torch.dtype, seed: int) -> OpenVLA:
+    config = preset_config(preset)
+    with torch.device("meta"):
+        model = OpenVLA.from_config(config)
+    model.to(dtype)  # still on meta: no memory
+    model.to_empty(device=device)
+    init_random_(model, seed, device)
+    llm = model.language_model.model  # RoPE frequencies are a computed buffer: rebuild it, in float32
+    with torch.device(device):
+        llm.rotary_emb = type(llm.rotary_emb)(config=llm.config)
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"tensors left on the meta device: {left}")
+    return model
+
+
+# ---------------------------------------------------------------------------------------------------- data
+
+
+def synthetic_batches(config, batch: int, anchor_batch: int, seed: int):
+    """Action batches of B and B+A samples (the first B shared) and an anchor batch of A prompts."""
+    rng = np.random.default_rng(seed)
+    tokenizer = build_tiny_tokenizer()
+    processor = ImageProcessor(config)
+    action_tokenizer = ActionTokenizer(n_bins=config.n_action_bins)
+    collator = PaddedCollator(tokenizer.pad_token_id, config.llm_max_length)
+    size = config.image_sizes[0]
+
+    def samples(n):
+        images = rng.integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+        instructions = [INSTRUCTIONS[i] for i in rng.integers(0, len(INSTRUCTIONS), size=n)]
+        actions = rng.uniform(-1.0, 1.0, size=(n, 7)).astype(np.float32)
+        return images, instructions, actions
+
+    def action_batch(images, instructions, actions):
+        examples = [training_example(tokenizer, action_tokenizer, s, a) for s, a in zip(instructions, actions)]
+        out = collator([ids for ids, _ in examples], [labels for _, labels in examples])
+        out["pixel_values"] = processor(images)
+        return out
+
+    images, instructions, actions = samples(batch + anchor_batch)
+    act = action_batch(images[:batch], instructions[:batch], actions[:batch])
+    act_bpa = action_batch(images, instructions, actions)
+
+    a_images, a_instructions, _ = samples(anchor_batch)
+    anchors = collator([prompt_ids(tokenizer, s) for s in a_instructions])
+    anchors["pixel_values"] = processor(a_images)
+    anchors["target_features"] = torch.from_numpy(
+        rng.standard_normal((anchor_batch, config.hidden_size)).astype(np.float32))
+    return act, act_bpa, anchors
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    return {k: v.to(device) for k, v in batch.items()}
+
+
+# ---------------------------------------------------------------------------------------------------- timing
+
+
+class NoOpOptimizer:
+    """What craft_step / baseline_step need of an optimizer, with an update that does nothing."""
+
+    def __init__(self, params):
+        self.params = list(params)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        for p in self.params:
+            p.grad = None
+
+    def step(self) -> None:
+        pass
+
+
+class Meter:
+    """Device-synchronised wall time and peak memory of one call."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.cuda = device.type == "cuda"
+        self.rss = None if self.cuda else PeakRSS()
+        if self.cuda:
+            self.method = ("cuda: torch.cuda.max_memory_allocated, peak stats reset before each measured step "
+                           "(absolute: includes weights)")
+        else:
+            self.method = self.rss.method + " (a delta: excludes the weights and everything alive before the step)"
+
+    def sync(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize(self.device)
+
+    def __call__(self, fn):
+        if self.cuda:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            self.rss.start()
+        self.sync()
+        t0 = time.perf_counter()
+        out = fn()
+        self.sync()
+        dt = time.perf_counter() - t0
+        peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.rss.stop()
+        return dt, int(peak), out
+
+
+def anchor_only(loss_fn) -> float:
+    """What craft_step does for one anchor micro-batch: forward, backward, read the loss."""
+    loss = loss_fn()
+    loss.backward()
+    return loss.item()
+
+
+def _nbytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+
+def surgery_traffic(g_act, g_ret, ret_coef: float, scale: float) -> int:
+    """Bytes read + written by grad_products and combine_into_grads as craft/surgery.py implements them.
+
+    grad_products: each dot reads float32 views of both operands (`.float()` of a non-float32 tensor first
+    reads it and writes a float32 copy); each squared norm (`_foreach_norm` over both lists) reads a float32
+    view of its tensor, with the same copy cost. combine_into_grads: the clip factor (when != 1) reads and
+    writes g_act; g_act += c g_ret reads both and writes g_act; a gradient only the anchor loss produced is
+    scaled in place (read + write). Scalars and the stacked per-tensor results are not counted.
+    """
+    def cast(t):
+        return 0 if t.dtype == torch.float32 else t.numel() * (t.element_size() + 4)
+
+    def nb(t):
+        return t.numel() * t.element_size()
+
+    total = 0
+    for a, r in zip(g_act, g_ret):
+        if a is not None and r is not None:
+            total += cast(a) + cast(r) + 4 * (a.numel() + r.numel())  # dot
+        for g in (a, r):
+            if g is not None:
+                total += cast(g) + 4 * g.numel()  # squared norm
+        if a is not None and scale != 1.0:
+            total += 2 * nb(a)
+        if a is not None and r is not None and ret_coef != 0.0:
+            total += 3 * nb(a)
+        elif a is None and r is not None:
+            total += 2 * nb(r)
+    return total
+
+
+def surgery_traffic_floor(g_act, g_ret) -> int:
+    """The least traffic the same result needs: one pass reading both gradients for all three products,
+    one pass reading both and writing g_act for the (clipped) combination, at the storage dtype."""
+    read_both = _nbytes(g_act) + _nbytes(g_ret)
+    return 2 * read_both + _nbytes(g_act)
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_description()}, torch threads {torch.get_num_threads()}"
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    config = preset_config(args.preset)
+    dtype = DTYPES[args.dtype or config.torch_dtype]
+
+    model = build_model(args.preset, device, dtype, args.seed)
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]  # vla-full-train: everything
+    total_params = sum(p.numel() for p in model.parameters())
+
+    act_cpu, bpa_cpu, anchors_cpu = synthetic_batches(config, args.batch, args.anchor_batch, args.seed)
+    act, bpa, anchors = (to_device(b, device) for b in (act_cpu, bpa_cpu, anchors_cpu))
+    del act_cpu, bpa_cpu, anchors_cpu
+
+    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.autocast == "bfloat16"
+                else nullcontext())
+
+    def action_loss(batch):
+        def fn():
+            with autocast:
+                return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                             labels=batch["labels"]).loss
+        return fn
+
+    def anchor_loss(batch):
+        def fn():
+            with autocast:
+                hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
+                                             layer=HIDDEN_LAYER)
+            features = pool_hidden(hidden, POOLING, model.image_token_slice, batch["attention_mask"])
+            return retention_loss(features, batch["target_features"], LOSS_TYPE)
+        return fn
+
+    optimizer = torch.optim.AdamW(params, lr=1e-6) if args.with_optimizer else NoOpOptimizer(params)
+    # lambda fixed at 1 so combine_into_grads always runs its add (see the module docstring).
+    constraint = RetentionConstraint(EpsilonSchedule("constant", 0.05), DualMultiplier(1.0, 0.0))
+    clear = NoOpOptimizer(params).zero_grad
+    meter = Meter(device)
+    last = {}
+
+    def checked(result, kind):
+        if result.skipped:
+            raise RuntimeError(f"the {kind} step was skipped (non-finite loss or gradient): timing would be wrong")
+        last[kind] = result
+        return result
+
+    kinds = {
+        "base": lambda: checked(baseline_step(params, optimizer, [action_loss(act)], MAX_GRAD_NORM), "base"),
+        "base_bpa": lambda: checked(baseline_step(params, optimizer, [action_loss(bpa)], MAX_GRAD_NORM), "base_bpa"),
+        "craft": lambda: checked(craft_step(params, optimizer, constraint, [action_loss(act)],
+                                            [anchor_loss(anchors)], MAX_GRAD_NORM), "craft"),
+        "anchor": lambda: anchor_only(anchor_loss(anchors)),
+    }
+    times = {k: [] for k in kinds}
+    peaks = {k: [] for k in kinds}
+    for i in range(args.warmup + args.repeats):
+        for kind, fn in kinds.items():
+            clear()  # every step starts without gradients, as after the previous step's zero_grad
+            dt, peak, _ = meter(fn)
+            clear()
+            if i >= args.warmup:
+                times[kind].append(dt)
+                peaks[kind].append(peak)
+
+    # The surgery on its own, on random tensors covering exactly the parameters the two losses give
+    # gradients to (the anchor loss never reaches lm_head, the last decoder layer or the final norm).
+    covered = {}
+    for kind, fn in (("act", action_loss(act)), ("ret", anchor_loss(anchors))):
+        fn().backward()
+        covered[kind] = [p.grad is not None for p in params]
+        clear()
+    surgery_params = [p for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
+    release_host_memory()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    gen = torch.Generator(device=device).manual_seed(args.seed + 1)
+
+    def random_like(p, has):
+        return torch.randn(p.shape, dtype=p.dtype, device=device, generator=gen) if has else None
+
+    g_act = [random_like(p, a) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
+    g_ret = [random_like(p, r) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
+    decisions = []
+
+    def surgery():  # craft_step's steps 3-6, minus the losses: products, decision, clip factor, combine
+        dot, act_sq, ret_sq = grad_products(g_act, g_ret).tolist()
+        decided = Surgery.decide(dot, act_sq, ret_sq, constraint.lam)
+        scale = clip_scale(decided.grad_sq, MAX_GRAD_NORM)
+        combine_into_grads(surgery_params, g_act, g_ret, decided.ret_coef, scale)
+        decisions.append((decided.ret_coef, scale))
+
+    surgery_times = []
+    for i in range(args.warmup + args.repeats):  # g_act changes every call but stays finite
+        dt, _, _ = meter(surgery)
+        clear()
+        if i >= args.warmup:
+            surgery_times.append(dt)
+    ret_coef, scale = decisions[-1]
+    grad_buffer_bytes = _nbytes(g_act)  # one action gradient: what CRaFT stashes
+    surgery_bytes = surgery_traffic(g_act, g_ret, ret_coef, scale)
+    surgery_bytes_floor = surgery_traffic_floor(g_act, g_ret)
+    del g_act, g_ret
+
+    t_base, t_bpa, t_craft = median(times["base"]), median(times["base_bpa"]), median(times["craft"])
+    t_anchor, t_surgery = median(times["anchor"]), median(surgery_times)
+    peak_base, peak_craft = max(peaks["base"]), max(peaks["craft"])
+    craft_result = last["craft"]
+    record = base_record(
+        device=device_name(device),
+        device_type=device.type,
+        preset=args.preset,
+        batch=args.batch,
+        anchor_batch=args.anchor_batch,
+        dtype=str(dtype).removeprefix("torch."),
+        autocast=args.autocast,
+        grad_checkpointing=args.grad_checkpointing,
+        with_optimizer=args.with_optimizer,
+        attn_implementation=getattr(model.language_model.config, "_attn_implementation", None),
+        torch_version=torch.__version__,
+        transformers_version=transformers.__version__,
+        platform=platform.platform(),
+        params=total_params,
+        trainable_params=sum(p.numel() for p in params),
+        grad_params=sum(p.numel() for p, has in zip(params, covered["act"]) if has),
+        anchor_grad_params=sum(p.numel() for p, has in zip(params, covered["ret"]) if has),
+        seq_len_action=int(act["input_ids"].shape[1]) + model.num_image_tokens,
+        seq_len_anchor=int(anchors["input_ids"].shape[1]) + model.num_image_tokens,
+        warmup=args.warmup,
+        repeats=args.repeats,
+        t_base_s=t_base,
+        t_base_bpa_s=t_bpa,
+        t_craft_s=t_craft,
+        t_anchor_s=t_anchor,
+        t_surgery_s=t_surgery,
+        ratio=t_craft / t_base,
+        floor_ratio=t_bpa / t_base + t_surgery / t_base,
+        grad_buffer_bytes=grad_buffer_bytes,
+        surgery_bytes=surgery_bytes,
+        surgery_bytes_counting="as craft/surgery.py implements it, see surgery_traffic() in bench_step.py",
+        surgery_bandwidth_gbps=surgery_bytes / t_surgery / 1e9,
+        surgery_bytes_floor=surgery_bytes_floor,
+        surgery_floor_equiv_gbps=surgery_bytes_floor / t_surgery / 1e9,
+        surgery_clip_applied=scale != 1.0,
+        peak_mem_base_bytes=peak_base,
+        peak_mem_base_bpa_bytes=max(peaks["base_bpa"]),
+        peak_mem_craft_bytes=peak_craft,
+        peak_mem_anchor_bytes=max(peaks["anchor"]),
+        peak_mem_extra_bytes=peak_craft - peak_base,
+        peak_mem_extra_over_grad_buffer=(peak_craft - peak_base) / grad_buffer_bytes,
+        mem_method=meter.method,
+        times_s={**{k: v for k, v in times.items()}, "surgery": surgery_times},
+        last_craft_step={"L_act": craft_result.L_act, "L_ret": craft_result.L_ret, "lambda": craft_result.lam,
+                         "grad_cos": craft_result.grad_cos, "projection": craft_result.projection,
+                         "grad_norm": craft_result.grad_norm},
+        lambda_note="lambda held at 1 (lambda_lr 0) so combine_into_grads always runs",
+    )
+    for key in ("t_base_s", "t_craft_s", "ratio", "floor_ratio"):
+        if not (math.isfinite(record[key]) and record[key] > 0):
+            raise RuntimeError(f"{key} = {record[key]}: not a usable measurement")
+    return record
+
+
+def summary(r: dict) -> str:
+    mb = 1e6
+    return (f"{r['preset']} on {r['device_type']} ({r['dtype']}) B={r['batch']} A={r['anchor_batch']}: "
+            f"base {r['t_base_s']:.4f}s  craft {r['t_craft_s']:.4f}s  ratio {r['ratio']:.3f}  "
+            f"floor {r['floor_ratio']:.3f}  (base B+A {r['t_base_bpa_s']:.4f}s, anchor {r['t_anchor_s']:.4f}s, "
+            f"surgery {r['t_surgery_s'] * 1e3:.2f}ms = {r['surgery_bandwidth_gbps']:.1f} GB/s)  "
+            f"peak mem base {r['peak_mem_base_bytes'] / mb:.0f} MB craft {r['peak_mem_craft_bytes'] / mb:.0f} MB")
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    record = run(args)
+    write_json(args.out, record)
+    print(summary(record), flush=True)
+    return record
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,117 @@
+"""Checkpoints that resume exactly, written so that a crash mid-save never costs the previous one.
+
+`<run_dir>/checkpoints/step-NNNNNN/` is an OpenVLA checkpoint folder (config.json, safetensors,
+tokenizer, dataset_statistics.json: it loads wherever OpenVLA checkpoints load) plus what resuming
+needs: `trainer_state.json` (step, CRaFT dual state, data position), `optimizer/` (sharded
+optimizer state), `scheduler.pt`, `rng/rank-R.pt`. Everything is written into `step-NNNNNN.partial/`
+and renamed at the end; `latest` is the newest folder without that suffix.
+"""
+
+import json
+import random
+import shutil
+from pathlib import Path
+from typing import List, Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import DefaultLoadPlanner
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                     get_optimizer_state_dict, set_optimizer_state_dict)
+
+from prismatic.models import save_pretrained
+from prismatic.training.distributed import DistEnv
+
+STATE_FILE = "trainer_state.json"
+PARTIAL = ".partial"
+
+
+def checkpoint_path(run_dir: Path, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:06d}"
+
+
+def complete_checkpoints(run_dir: Path) -> List[Path]:
+    """Finished checkpoints of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    found = [p for p in folder.glob("step-*") if p.is_dir() and not p.name.endswith(PARTIAL)
+             and (p / STATE_FILE).is_file()] if folder.is_dir() else []
+    return sorted(found, key=lambda p: p.name)
+
+
+def resolve_resume(resume_from: str, run_dir: Path) -> Path:
+    """`latest` -> the run's newest finished checkpoint; a path -> that checkpoint, checked."""
+    if resume_from == "latest":
+        found = complete_checkpoints(run_dir)
+        if not found:
+            raise FileNotFoundError(f"--resume_from latest: no finished checkpoint under {Path(run_dir) / 'checkpoints'}")
+        return found[-1]
+    path = Path(resume_from)
+    if not (path / STATE_FILE).is_file():
+        raise FileNotFoundError(f"--resume_from {path}: expected a checkpoint folder holding {STATE_FILE}; "
+                                f"found {'no such folder' if not path.is_dir() else sorted(x.name for x in path.iterdir())}")
+    return path
+
+
+def _barrier(env: DistEnv) -> None:
+    if env.distributed:
+        dist.barrier()
+
+
+def _rng_state() -> dict:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_statistics: dict, optimizer, scheduler,
+                    trainer_state: dict, env: DistEnv, keep_last: Optional[int]) -> Path:
+    final = checkpoint_path(run_dir, step)
+    partial = final.with_name(final.name + PARTIAL)
+    if env.is_main:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a crash during an earlier save
+    _barrier(env)
+    weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if env.is_main:
+        save_pretrained(model, partial, tokenizer=tokenizer, dataset_statistics=dataset_statistics, state_dict=weights)
+    del weights
+    _barrier(env)
+    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(partial / "optimizer"),
+             no_dist=not env.distributed)
+    (partial / "rng").mkdir(exist_ok=True)
+    torch.save(_rng_state(), partial / "rng" / f"rank-{env.rank}.pt")
+    _barrier(env)
+    if env.is_main:
+        torch.save(scheduler.state_dict(), partial / "scheduler.pt")
+        (partial / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": env.world_size}, indent=2))
+        if final.exists():
+            shutil.rmtree(final)
+        partial.rename(final)
+        if keep_last:
+            for old in complete_checkpoints(run_dir)[:-keep_last]:
+                shutil.rmtree(old)
+    _barrier(env)
+    return final
+
+
+def load_training_state(path: Path, *, model, optimizer, scheduler, env: DistEnv) -> dict:
+    """Optimizer, scheduler and this rank's RNG streams; returns trainer_state.json. Weights load separately."""
+    state = json.loads((path / STATE_FILE).read_text())
+    if state["world_size"] != env.world_size:
+        raise ValueError(f"--resume_from {path} was written by {state['world_size']} processes; this launch has "
+                         f"{env.world_size} (exact resume needs the same world size)")
+    holder = {"optimizer": get_optimizer_state_dict(model, optimizer)}
+    # Partial: parameters that never received a gradient (e.g. the unused last ViT block) have no saved state.
+    dcp.load(holder, checkpoint_id=str(path / "optimizer"), no_dist=not env.distributed,
+             planner=DefaultLoadPlanner(allow_partial_load=True))
+    set_optimizer_state_dict(model, optimizer, holder["optimizer"])
+    scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    rng = torch.load(path / "rng" / f"rank-{env.rank}.pt", weights_only=False)
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if "cuda" in rng and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return state

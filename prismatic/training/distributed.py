@@ -1,0 +1,94 @@
+"""Process group, device mesh and FSDP2 sharding, composed in a few small functions.
+
+One process per GPU under torchrun. A single process runs unsharded; several processes shard the
+model with `fully_shard` (one unit per ViT block and per Llama decoder layer, then the root):
+`full-shard` over all ranks, or `hybrid-shard` (shard within a node, replicate across nodes), which
+with one GPU per node degenerates to plain replication instead of failing.
+"""
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from craft.step import Collective
+
+SHARDING_STRATEGIES = ("full-shard", "hybrid-shard")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def num_nodes(self) -> int:
+        return self.world_size // self.local_world_size
+
+
+def dist_env_from_environ() -> DistEnv:
+    """What torchrun told this process (no process group is created here)."""
+    env = os.environ
+    return DistEnv(rank=int(env.get("RANK", 0)), world_size=int(env.get("WORLD_SIZE", 1)),
+                   local_rank=int(env.get("LOCAL_RANK", 0)), local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)))
+
+
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: int) -> None:
+    """NCCL on GPUs, gloo on CPU; a hung collective fails after `timeout_s` instead of waiting forever."""
+    if env.distributed and not dist.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(device)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+
+
+def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_precision: bool):
+    """Wrap `model` in FSDP2 units; returns the mesh's replicate degree (1 for full-shard)."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
+
+    if strategy == "hybrid-shard":
+        mesh = init_device_mesh(device.type, (env.num_nodes, env.local_world_size),
+                                mesh_dim_names=("replicate", "shard"))
+        replicate = env.num_nodes
+    else:
+        mesh, replicate = init_device_mesh(device.type, (env.world_size,)), 1
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
+        else MixedPrecisionPolicy()
+    units = [*model.vision_backbone.featurizer.blocks, *model.vision_backbone.fused_featurizer.blocks,
+             *model.language_model.model.layers]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    fully_shard(model, mesh=mesh, mp_policy=policy)
+    register_fsdp_forward_method(model, "hidden_states")  # the anchor pass enters through this method
+    return replicate
+
+
+
+
+class FSDPCollective(Collective):
+    """Sums the gradient scalars over shards (once, not once per replica) and averages the losses."""
+
+    def __init__(self, model, env: DistEnv, device: torch.device, replicate_degree: int):
+        self.model, self.env, self.device, self.replicate = model, env, device, replicate_degree
+
+    def set_grad_sync(self, enabled: bool) -> None:
+        self.model.set_requires_gradient_sync(enabled)
+
+    def reduce(self, stats: torch.Tensor) -> torch.Tensor:
+        total = stats.to(self.device, copy=True)
+        dist.all_reduce(total, op=dist.ReduceOp.SUM)
+        total[:3] /= self.replicate  # every replica holds the same shards
+        total[3:] /= self.env.world_size
+        return total.cpu()
