@@ -1,6 +1,7 @@
 """Model side: presets, fused vision features, multimodal sequence, loss, hidden states, processor, tokenizer."""
 
 import copy
+import importlib.util
 
 import numpy as np
 import pytest
@@ -285,3 +286,11 @@ def test_tiny_tokenizer_ids_and_round_trip(tmp_path):
     reloaded = load_tokenizer(tmp_path)
     assert reloaded(sentence).input_ids == ids and reloaded.pad_token_id == 32000 and len(reloaded) == 32001
     assert reloaded.padding_side == "right"
+
+
+def test_sentencepiece_only_tokenizer_needs_sentencepiece(tmp_path):
+    if importlib.util.find_spec("sentencepiece") is not None:
+        pytest.skip("sentencepiece is installed: the tokenizer.model would be read")
+    (tmp_path / "tokenizer.model").write_bytes(b"stand-in")
+    with pytest.raises(ImportError, match="tokenizer.model but no tokenizer.json: install sentencepiece"):
+        load_tokenizer(tmp_path)

@@ -23,12 +23,12 @@ LETTERBOX_FILL = tuple(int(m * 255) for m in DINO_MEAN)  # (123, 116, 103)
 RESIZE_STRATEGIES = ("resize-naive", "letterbox")
 
 
-def letterbox(image: Image.Image, fill: tuple[int, int, int] = LETTERBOX_FILL) -> Image.Image:
+def letterbox(image: Image.Image) -> Image.Image:
     """Pad both sides of the shorter dimension by floor(difference / 2) (as upstream: an odd difference leaves
     the result one pixel short of square)."""
     w, h = image.size
     pad_x, pad_y = (max(w, h) - w) // 2, (max(w, h) - h) // 2
-    padded = Image.new("RGB", (w + 2 * pad_x, h + 2 * pad_y), fill)
+    padded = Image.new("RGB", (w + 2 * pad_x, h + 2 * pad_y), LETTERBOX_FILL)
     padded.paste(image, (pad_x, pad_y))
     return padded
 

@@ -28,6 +28,7 @@ from prismatic.training.checkpointing import load_training_state, save_checkpoin
 from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
 from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink, action_metrics
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
+from prismatic.training.prefetch import prefetch
 from prismatic.training.preflight import Plan, preflight
 from prismatic.training.report import dry_run_report
 from prismatic.training.stages import apply_train_stage
@@ -113,24 +114,32 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
 
     dry_run = cfg.dry_run_batches > 0
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
+
+    def step_inputs():
+        """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
+        for step in range(start, end):
+            acts = [next(batches) for _ in range(accum)]
+            anchors = [_anchor_batch(plan.cache, step * accum + k, cfg, processor, env) for k in range(accum)] \
+                if constraint is not None else []
+            yield acts, anchors
+
     metrics = _open_sinks(cfg, plan, stream.statistics, start) if env.is_main and not dry_run else \
         Metrics([ConsoleSink()] if env.is_main else [])
     records = []
+    inputs = prefetch(step_inputs())
     try:
         for step in range(start, end):
             t0 = time.perf_counter()
-            act_batches = [to_device(next(batches), device) for _ in range(accum)]
+            acts, anchors = next(inputs)
+            act_batches = [to_device(b, device) for b in acts]
+            ret_batches = [to_device(b, device) for b in anchors]
+            t_data = time.perf_counter() - t0
             micro_metrics: list = []
             act_fns = [action_loss_fn(b, micro_metrics) for b in act_batches]
             if constraint is not None:
-                # Draw k of this rank: with accumulation, the same anchors a wider launch would draw.
-                ret_batches = [to_device(_anchor_batch(plan.cache, step * accum + k, cfg, processor, env), device)
-                               for k in range(accum)]
-                t_data = time.perf_counter() - t0
                 result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
                                     cfg.vla.max_grad_norm, collective)
             else:
-                t_data = time.perf_counter() - t0
                 result = baseline_step(params, optimizer, act_fns, cfg.vla.max_grad_norm, collective)
             lr = scheduler.get_last_lr()[0]
             if not result.skipped:
@@ -149,6 +158,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
                                 dataset_statistics=stream.statistics, optimizer=optimizer, scheduler=scheduler,
                                 trainer_state=trainer_state, env=env, keep_last=cfg.keep_last_checkpoints)
     finally:
+        inputs.close()
         metrics.close()
     if dry_run and env.is_main:
         total, trainable = parameter_counts(model)
