@@ -29,10 +29,27 @@ class VLAConfig(draccus.ChoiceRegistry):
     enable_gradient_checkpointing: bool = True
     enable_mixed_precision_training: bool = True  # bf16 autocast; also the anchor cache's dtype
 
+    # LoRA: a frozen base (bf16 with mixed precision) and trainable adapters; CRaFT's surgery then runs
+    # over the adapter gradients only, while L_ret still reads the full model's hidden states.
+    use_lora: bool = False
+    lora_rank: int = 32
+    lora_alpha: Optional[int] = None  # default min(lora_rank, 16), as OpenVLA's LoRA recipe
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "all-linear"  # or comma-separated Linear name suffixes, e.g. "q_proj,v_proj"
+    merge_on_save: bool = True  # also write base+adapters merged, in the plain OpenVLA layout, at each save
+
     @classmethod
     def default_choice_name(cls) -> str:
         """The user's templates never pass --vla.type."""
         return "openvla-7b+libero"
+
+    @property
+    def resolved_lora_alpha(self) -> int:
+        return self.lora_alpha or min(self.lora_rank, 16)
+
+    @property
+    def lora_scaling(self) -> float:
+        return self.resolved_lora_alpha / self.lora_rank
 
     @property
     def compute_dtype(self) -> str:
@@ -60,6 +77,9 @@ class VLAConfig(draccus.ChoiceRegistry):
                 raise ValueError(f"--vla.{flag} must be >= 1; found {value}")
         if self.learning_rate < 0:
             raise ValueError(f"--vla.learning_rate must be >= 0; found {self.learning_rate}")
+        if self.use_lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
+            raise ValueError(f"--vla.lora_rank must be >= 1 and --vla.lora_dropout in [0, 1); found "
+                             f"{self.lora_rank}, {self.lora_dropout}")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--vla.warmup_ratio must be in [0, 1); found {self.warmup_ratio}")
         if self.expected_world_size is not None and self.expected_world_size != world_size:

@@ -1,8 +1,9 @@
 """Checkpoints that resume exactly, written so that a crash mid-save never costs the previous one.
 
 `<run_dir>/checkpoints/step-NNNNNN/` is an OpenVLA checkpoint folder (config.json, safetensors,
-tokenizer, dataset_statistics.json: it loads wherever OpenVLA checkpoints load) plus what resuming
-needs: `trainer_state.json` (step, CRaFT dual state, data position), `optimizer/` (sharded
+tokenizer, dataset_statistics.json: it loads wherever OpenVLA checkpoints load; with LoRA, the base
+and adapters merged, unless merge_on_save is off) plus `adapter_model.safetensors` with LoRA, plus
+what resuming needs: `trainer_state.json` (step, CRaFT dual state, data position), `optimizer/` (sharded
 optimizer state), `scheduler.pt`, `rng/rank-R.pt`. Everything is written into `step-NNNNNN.partial/`
 and renamed at the end; `latest` is the newest folder without that suffix.
 """
@@ -21,10 +22,14 @@ from torch.distributed.checkpoint import DefaultLoadPlanner
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
                                                      get_optimizer_state_dict, set_optimizer_state_dict)
 
+from safetensors.torch import load_file, save_file
+
 from prismatic.models import save_pretrained
+from prismatic.models.lora import adapter_state_dict, merged_state_dict
 from prismatic.training.distributed import DistEnv
 
 STATE_FILE = "trainer_state.json"
+ADAPTER_FILE = "adapter_model.safetensors"
 PARTIAL = ".partial"
 
 
@@ -66,8 +71,33 @@ def _rng_state() -> dict:
     return state
 
 
+def _write_weights(folder: Path, weights: dict, *, model, tokenizer, dataset_statistics: dict,
+                   lora_scaling: Optional[float], merge_lora: bool, source_dir: Optional[Path]) -> None:
+    """The model in the OpenVLA layout (merged when LoRA) and, with LoRA, the adapters alone."""
+    if lora_scaling is None or merge_lora:
+        # The merge is computed and written in float32, like the full fine-tuning checkpoints (fp32 masters).
+        merged = weights if lora_scaling is None else merged_state_dict(weights, lora_scaling, dtype=torch.float32)
+        save_pretrained(model, folder, tokenizer=tokenizer, dataset_statistics=dataset_statistics, state_dict=merged,
+                        source_dir=source_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    if lora_scaling is not None:
+        adapters = {k: v.contiguous() for k, v in adapter_state_dict(weights).items()}
+        save_file(adapters, str(folder / ADAPTER_FILE), metadata={"format": "pt", "lora_scaling": str(lora_scaling)})
+
+
+def load_adapters(model, path: Path) -> None:
+    """Adapter weights saved by a LoRA run into a model that already has the same adapters."""
+    adapters = load_file(str(Path(path) / ADAPTER_FILE))
+    missing = set(adapter_state_dict(model.state_dict())) - set(adapters)
+    if missing or set(adapters) - set(model.state_dict()):
+        raise ValueError(f"{Path(path) / ADAPTER_FILE} does not match the model's adapters (check --vla.lora_rank "
+                         f"and --vla.lora_target_modules); e.g. missing {sorted(missing)[:3]}")
+    model.load_state_dict(adapters, strict=False)
+
+
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_statistics: dict, optimizer, scheduler,
-                    trainer_state: dict, env: DistEnv, keep_last: Optional[int]) -> Path:
+                    trainer_state: dict, env: DistEnv, keep_last: Optional[int], lora_scaling: Optional[float] = None,
+                    merge_lora: bool = True, source_dir: Optional[Path] = None) -> Path:
     final = checkpoint_path(run_dir, step)
     partial = final.with_name(final.name + PARTIAL)
     if env.is_main:
@@ -75,7 +105,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_stati
     _barrier(env)
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
-        save_pretrained(model, partial, tokenizer=tokenizer, dataset_statistics=dataset_statistics, state_dict=weights)
+        _write_weights(partial, weights, model=model, tokenizer=tokenizer, dataset_statistics=dataset_statistics,
+                       lora_scaling=lora_scaling, merge_lora=merge_lora, source_dir=source_dir)
     del weights
     _barrier(env)
     dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(partial / "optimizer"),

@@ -70,10 +70,10 @@ def _preflight(cfg: TrainConfig) -> Plan:
     run_id = cfg.make_run_id()
     run_dir = Path(cfg.run_root_dir) / run_id
     resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
-    if resume_path is None and cfg.pretrained_checkpoint is None:
-        raise ValueError("--pretrained_checkpoint is required: a local OpenVLA checkpoint folder (config.json + "
-                         "safetensors); found: not set")
-    model_config = _read_model_config(resume_path or cfg.pretrained_checkpoint)
+    if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
+        raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
+                         "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
+    model_config = _read_model_config(cfg.pretrained_checkpoint if cfg.vla.use_lora or not resume_path else resume_path)
     n_states = model_config.num_hidden_layers + 1
 
     cache = None

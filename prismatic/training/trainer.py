@@ -24,7 +24,8 @@ from craft.step import Collective, StepResult, baseline_step, craft_step
 from prismatic.conf.train import TrainConfig
 from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
-from prismatic.training.checkpointing import load_training_state, save_checkpoint
+from prismatic.models.lora import add_lora, lora_targets
+from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
 from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
 from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink, action_metrics
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
@@ -62,13 +63,11 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             print(f"note: {note}", flush=True)
     seed_everything(cfg.seed)
 
-    model, tokenizer, model_config = load_pretrained(plan.resume_path or cfg.pretrained_checkpoint,
-                                                     dtype=torch.float32, device=device)
-    apply_train_stage(model, cfg.vla.train_stage)
+    mixed = cfg.vla.enable_mixed_precision_training
+    model, tokenizer, model_config = _build_model(cfg, plan)
     if cfg.vla.enable_gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    mixed = cfg.vla.enable_mixed_precision_training
     collective = Collective()
     if env.distributed:  # FSDP2 computes in bf16 itself; one process uses autocast for the same effect
         replicate = shard_model(model, env, device, cfg.sharding_strategy, mixed)
@@ -156,7 +155,9 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
                                  "frames_per_rank": (step + 1) * frames_per_step, "run_id": plan.run_id}
                 save_checkpoint(plan.run_dir, step + 1, model=model, tokenizer=tokenizer,
                                 dataset_statistics=stream.statistics, optimizer=optimizer, scheduler=scheduler,
-                                trainer_state=trainer_state, env=env, keep_last=cfg.keep_last_checkpoints)
+                                trainer_state=trainer_state, env=env, keep_last=cfg.keep_last_checkpoints,
+                                lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
+                                merge_lora=cfg.vla.merge_on_save, source_dir=cfg.pretrained_checkpoint)
     finally:
         inputs.close()
         metrics.close()
@@ -164,6 +165,24 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
         total, trainable = parameter_counts(model)
         print(dry_run_report(cfg, plan, records, total, trainable, device), flush=True)
     return records
+
+
+def _build_model(cfg: TrainConfig, plan: Plan):
+    """The weights to start from: the checkpoint being resumed, or the pretrained one (plus adapters)."""
+    vla = cfg.vla
+    if not vla.use_lora:
+        model, tokenizer, model_config = load_pretrained(plan.resume_path or cfg.pretrained_checkpoint,
+                                                         dtype=torch.float32, device=plan.device)
+        apply_train_stage(model, vla.train_stage)
+        return model, tokenizer, model_config
+    # A frozen base needs no fp32 master copy; FSDP keeps it fp32 and casts for compute itself.
+    base_dtype = torch.bfloat16 if vla.enable_mixed_precision_training and not plan.env.distributed else torch.float32
+    model, tokenizer, model_config = load_pretrained(cfg.pretrained_checkpoint, dtype=base_dtype, device=plan.device)
+    model = add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
+                     lora_targets(model, vla.lora_target_modules))
+    if plan.resume_path is not None:
+        load_adapters(model, plan.resume_path)
+    return model, tokenizer, model_config
 
 
 def _anchor_batch(cache: AnchorCache, draw: int, cfg: TrainConfig, processor, env) -> dict:
