@@ -8,6 +8,7 @@ RETENTION_MODES = ("hidden",)
 POOLINGS = ("mean_image_tokens", "mean_all_tokens", "last_token")
 RETENTION_LOSS_TYPES = ("mse", "cosine")
 EPSILON_SCHEDULES = ("constant", "linear", "cosine")
+STASH_DTYPES = ("float32", "bfloat16")
 
 
 class CraftConfigError(ValueError):
@@ -33,6 +34,9 @@ class CraftConfig:
     lambda_lr: float = 1e-4
     anchor_batch_size: int = 4  # per device and micro-batch
     anchor_seed: int = 0
+    # The stashed action gradient, CRaFT's one extra gradient-sized buffer: None keeps the gradients'
+    # dtype; "bfloat16" halves it at a small cost in grad_dot accuracy (see benchmarks/RESULTS.md).
+    grad_stash_dtype: Optional[str] = None
 
     def validate(self) -> None:
         """Reject values that would make the run meaningless, before any model or data is touched."""
@@ -47,6 +51,8 @@ class CraftConfig:
                 "--craft.anchor_cache_dir is required when --craft.enabled is true "
                 "(build one with vla-scripts/build_anchor_cache.py); found: not set"
             )
+        if self.grad_stash_dtype is not None:
+            _choice("grad_stash_dtype", self.grad_stash_dtype, STASH_DTYPES)
         _positive("epsilon", self.epsilon)
         if self.epsilon_start is not None:
             _positive("epsilon_start", self.epsilon_start)

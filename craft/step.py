@@ -55,10 +55,11 @@ def craft_step(
     retention_losses: Sequence[LossFn],
     max_grad_norm: float,
     collective: Collective = Collective(),
+    stash_dtype: Optional[torch.dtype] = None,
 ) -> StepResult:
     optimizer.zero_grad(set_to_none=True)
     l_act = accumulate(action_losses, collective)  # 1. g_act
-    g_act = take_grads(params)
+    g_act = take_grads(params, stash_dtype)
     l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
     local_stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.stack([l_act, l_ret])])

@@ -20,12 +20,14 @@ def local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
-def take_grads(params: Sequence[torch.Tensor]) -> Grads:
-    """Detach the current `.grad` tensors from `params` and return them."""
+def take_grads(params: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = None) -> Grads:
+    """Detach the current `.grad` tensors from `params` and return them (cast one by one to `dtype`)."""
     grads = [p.grad for p in params]
     for p in params:
         p.grad = None
-    return grads
+    if dtype is None:
+        return grads
+    return [g if g is None or g.dtype == dtype else g.to(dtype) for g in grads]
 
 
 def squared_norm(grads: Grads) -> torch.Tensor:
@@ -74,9 +76,20 @@ class Surgery:
 
 def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grads, ret_coef: float,
                        scale: float = 1.0) -> None:
-    """param.grad <- scale * (g_act + ret_coef * g_ret), in place in the stashed action gradient."""
-    acts, pairs_a, pairs_r, only_r = [], [], [], []
+    """param.grad <- scale * (g_act + ret_coef * g_ret), in place in the stashed action gradient.
+
+    A stash kept in a lower precision than the parameter (bf16 stash) is added into g_ret instead,
+    so that `.grad` keeps the parameter's dtype.
+    """
+    acts, pairs_a, pairs_r, only_r, into_r, from_a = [], [], [], [], [], []
     for p, a, r in zip(params, g_act, g_ret):
+        if a is not None and a.dtype != p.dtype:
+            if r is None:
+                r = torch.zeros_like(p)
+            into_r.append(local(r))
+            from_a.append(local(a))
+            p.grad = r
+            continue
         if a is not None:
             acts.append(local(a))
             if r is not None:
@@ -89,5 +102,7 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
         torch._foreach_mul_(acts, scale)
     if pairs_a and ret_coef != 0.0:
         torch._foreach_add_(pairs_a, pairs_r, alpha=ret_coef * scale)
-    if only_r:
-        torch._foreach_mul_(only_r, ret_coef * scale)
+    if only_r or into_r:
+        torch._foreach_mul_(only_r + into_r, ret_coef * scale)
+    if into_r:
+        torch._foreach_add_(into_r, from_a, alpha=scale)

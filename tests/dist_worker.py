@@ -48,7 +48,8 @@ def main(out: Path) -> None:
     model.train()
     collective = Collective()
     if env.distributed:
-        collective = FSDPCollective(model, env, device, shard_model(model, env, device, "full-shard", False))
+        shard_model(model, env, device, "full-shard", False)
+        collective = FSDPCollective(model, env, device, "full-shard")
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     constraint = RetentionConstraint(EpsilonSchedule("constant", end=1e-4), DualMultiplier(0.5, lr=100.0))

@@ -194,3 +194,18 @@ def test_pooling_and_losses_by_hand():
     t = torch.tensor([[0.0, 1.0], [3.0, 4.0]])
     assert retention_loss(f, t, "mse").item() == pytest.approx((1 + 1 + 0 + 0) / 4)
     assert retention_loss(f, t, "cosine").item() == pytest.approx((1.0 + 0.0) / 2)
+
+
+def test_bfloat16_stash_gives_the_combination_to_bfloat16_accuracy_in_float32_grads():
+    g_act, g_ret = _grads(7), _grads(8, missing={2})
+    lam = 0.4
+    a = _flat([None if x is None else x.bfloat16().float() for x in g_act])  # what the stash keeps
+    r = _flat(g_ret)
+    params = [torch.zeros(s, requires_grad=True) for s in SHAPES]
+    stash = [None if x is None else x.bfloat16() for x in g_act]
+    dot, act_sq, ret_sq = grad_products(stash, g_ret).tolist()
+    assert dot == pytest.approx(a @ r, rel=1e-5)
+    surgery = Surgery.decide(dot, act_sq, ret_sq, lam)
+    combine_into_grads(params, stash, [None if x is None else x.clone() for x in g_ret], surgery.ret_coef, scale=0.5)
+    assert all(p.grad.dtype == torch.float32 for p in params)
+    np.testing.assert_allclose(_flat([p.grad for p in params]), 0.5 * _reference(a, r, lam), rtol=1e-5, atol=1e-6)

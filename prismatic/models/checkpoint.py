@@ -183,7 +183,7 @@ def _check_keys(expected: set[str], files: list[Path]) -> None:
         )
 
 
-def _rebuild_rotary(model: OpenVLA, device: torch.device) -> None:
+def rebuild_rotary(model: OpenVLA, device: torch.device) -> None:
     """RoPE frequencies are a non-persistent buffer (not in the checkpoint): recompute them on `device`."""
     llm = model.language_model.model
     with torch.device(device):
@@ -198,14 +198,9 @@ def _read_shard(path: Path, dtype: torch.dtype, device: torch.device) -> Iterato
             yield from_disk_name(key), tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def load_pretrained(
-    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> tuple[OpenVLA, Any, VLAModelConfig]:
-    """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder.
-
-    Floating weights are cast to `dtype`. The config's `norm_stats` are replaced by dataset_statistics.json when
-    the folder has one (a fine-tuned checkpoint's own statistics), as OpenVLA's evaluation scripts do.
-    """
+def read_config(path: str | Path) -> VLAModelConfig:
+    """The config of a checkpoint folder; its `norm_stats` are replaced by dataset_statistics.json when the folder
+    has one (a fine-tuned checkpoint's own statistics), as OpenVLA's evaluation scripts do."""
     folder = Path(path)
     if not folder.is_dir():
         raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
@@ -215,22 +210,44 @@ def load_pretrained(
     config = VLAModelConfig.from_dict(json.loads(config_path.read_text()))
     if (folder / STATS_NAME).is_file():
         config.norm_stats = load_dataset_statistics(folder)
-    files = _weight_files(folder)
-    device = torch.device(device)
+    return config
 
+
+def read_weights(path: str | Path, expected_keys: set[str], dtype: torch.dtype = torch.float32,
+                 device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
+    """(in-memory name, tensor) of every weight of a checkpoint folder, one tensor at a time, keys checked first."""
+    files = _weight_files(Path(path))
+    _check_keys(expected_keys, files)
+    for f in files:
+        yield from _read_shard(f, dtype, torch.device(device))
+
+
+def read_tokenizer(path: str | Path):
+    """The folder's tokenizer, or None if it has none."""
+    folder = Path(path)
+    return load_tokenizer(folder) if any((folder / name).is_file() for name in TOKENIZER_FILES) else None
+
+
+def load_pretrained(
+    path: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> tuple[OpenVLA, Any, VLAModelConfig]:
+    """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder.
+
+    Floating weights are cast to `dtype`; the model is built on the meta device and each tensor is assigned as it
+    is read, so peak host memory is about one model copy.
+    """
+    config = read_config(path)
+    device = torch.device(device)
     with torch.device("meta"):
         model = OpenVLA.from_config(config)
-    _check_keys(set(model.state_dict()), files)
-    for f in files:
-        model.load_state_dict(dict(_read_shard(f, dtype, device)), strict=False, assign=True)
-    _rebuild_rotary(model, device)
+    weights = read_weights(path, set(model.state_dict()), dtype, device)
+    for name, tensor in weights:
+        model.load_state_dict({name: tensor}, strict=False, assign=True)
+    rebuild_rotary(model, device)
     still_meta = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if still_meta:
-        raise RuntimeError(f"tensors left unmaterialised after loading {folder}: {still_meta}")
-
-    has_tokenizer = any((folder / name).is_file() for name in TOKENIZER_FILES)
-    tokenizer = load_tokenizer(folder) if has_tokenizer else None
-    return model.eval(), tokenizer, config
+        raise RuntimeError(f"tensors left unmaterialised after loading {path}: {still_meta}")
+    return model.eval(), read_tokenizer(path), config
 
 
 def load_dataset_statistics(path: str | Path) -> dict:

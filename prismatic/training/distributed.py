@@ -53,17 +53,21 @@ def init_process_group(env: DistEnv, device: torch.device, timeout_s: int) -> No
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
 
 
-def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_precision: bool):
-    """Wrap `model` in FSDP2 units; returns the mesh's replicate degree (1 for full-shard)."""
+def replicate_degree(env: DistEnv, strategy: str) -> int:
+    """How many ranks hold each shard: the nodes under hybrid-shard, else 1."""
+    return env.num_nodes if strategy == "hybrid-shard" else 1
+
+
+def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_precision: bool) -> None:
+    """Wrap `model` in FSDP2 units, in place."""
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     if strategy == "hybrid-shard":
         mesh = init_device_mesh(device.type, (env.num_nodes, env.local_world_size),
                                 mesh_dim_names=("replicate", "shard"))
-        replicate = env.num_nodes
     else:
-        mesh, replicate = init_device_mesh(device.type, (env.world_size,)), 1
+        mesh = init_device_mesh(device.type, (env.world_size,))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if mixed_precision \
         else MixedPrecisionPolicy()
     units = [*model.vision_backbone.featurizer.blocks, *model.vision_backbone.fused_featurizer.blocks,
@@ -72,7 +76,6 @@ def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_
         fully_shard(unit, mesh=mesh, mp_policy=policy)
     fully_shard(model, mesh=mesh, mp_policy=policy)
     register_fsdp_forward_method(model, "hidden_states")  # the anchor pass enters through this method
-    return replicate
 
 
 
@@ -80,8 +83,9 @@ def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_
 class FSDPCollective(Collective):
     """Sums the gradient scalars over shards (once, not once per replica) and averages the losses."""
 
-    def __init__(self, model, env: DistEnv, device: torch.device, replicate_degree: int):
-        self.model, self.env, self.device, self.replicate = model, env, device, replicate_degree
+    def __init__(self, model, env: DistEnv, device: torch.device, strategy: str):
+        self.model, self.env, self.device = model, env, device
+        self.replicate = replicate_degree(env, strategy)
 
     def set_grad_sync(self, enabled: bool) -> None:
         self.model.set_requires_gradient_sync(enabled)

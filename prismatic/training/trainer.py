@@ -16,13 +16,15 @@ import draccus
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
 from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.dual import RetentionConstraint
 from craft.retention import pool_hidden, retention_loss
 from craft.step import Collective, StepResult, baseline_step, craft_step
 from prismatic.conf.train import TrainConfig
-from prismatic.models import ImageProcessor, load_pretrained
+from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
+from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
 from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
@@ -65,15 +67,11 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
 
     mixed = cfg.vla.enable_mixed_precision_training
     model, tokenizer, model_config = _build_model(cfg, plan)
-    if cfg.vla.enable_gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
-    collective = Collective()
-    if env.distributed:  # FSDP2 computes in bf16 itself; one process uses autocast for the same effect
-        replicate = shard_model(model, env, device, cfg.sharding_strategy, mixed)
-        collective = FSDPCollective(model, env, device, replicate)
+    # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
+    collective = FSDPCollective(model, env, device, cfg.sharding_strategy) if env.distributed else Collective()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed and not env.distributed else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
+    stash_dtype = getattr(torch, cfg.craft.grad_stash_dtype) if cfg.craft.grad_stash_dtype else None
     optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
     constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
@@ -137,7 +135,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             act_fns = [action_loss_fn(b, micro_metrics) for b in act_batches]
             if constraint is not None:
                 result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
-                                    cfg.vla.max_grad_norm, collective)
+                                    cfg.vla.max_grad_norm, collective, stash_dtype)
             else:
                 result = baseline_step(params, optimizer, act_fns, cfg.vla.max_grad_norm, collective)
             lr = scheduler.get_last_lr()[0]
@@ -168,21 +166,49 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
 
 
 def _build_model(cfg: TrainConfig, plan: Plan):
-    """The weights to start from: the checkpoint being resumed, or the pretrained one (plus adapters)."""
-    vla = cfg.vla
-    if not vla.use_lora:
-        model, tokenizer, model_config = load_pretrained(plan.resume_path or cfg.pretrained_checkpoint,
-                                                         dtype=torch.float32, device=plan.device)
+    """The weights to start from (the checkpoint being resumed, or the pretrained one plus adapters), in
+    train mode, sharded with several processes."""
+    vla, env = cfg.vla, plan.env
+    source = plan.resume_path if plan.resume_path is not None and not vla.use_lora else cfg.pretrained_checkpoint
+    if env.distributed and not vla.use_lora:
+        return _sharded_from_rank0(source, cfg, plan)
+    # A frozen LoRA base needs no fp32 master copy; FSDP keeps it fp32 and casts for compute itself.
+    base_dtype = torch.bfloat16 if vla.use_lora and vla.enable_mixed_precision_training and not env.distributed \
+        else torch.float32
+    model, tokenizer, config = load_pretrained(source, dtype=base_dtype, device=plan.device)
+    if vla.use_lora:
+        model = add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
+                         lora_targets(model, vla.lora_target_modules))
+        if plan.resume_path is not None:
+            load_adapters(model, plan.resume_path)
+    else:
         apply_train_stage(model, vla.train_stage)
-        return model, tokenizer, model_config
-    # A frozen base needs no fp32 master copy; FSDP keeps it fp32 and casts for compute itself.
-    base_dtype = torch.bfloat16 if vla.enable_mixed_precision_training and not plan.env.distributed else torch.float32
-    model, tokenizer, model_config = load_pretrained(cfg.pretrained_checkpoint, dtype=base_dtype, device=plan.device)
-    model = add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
-                     lora_targets(model, vla.lora_target_modules))
-    if plan.resume_path is not None:
-        load_adapters(model, plan.resume_path)
-    return model, tokenizer, model_config
+    _prepare_for_training(model, cfg, plan)
+    return model, tokenizer, config
+
+
+def _prepare_for_training(model, cfg: TrainConfig, plan: Plan) -> None:
+    if cfg.vla.enable_gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    if plan.env.distributed:
+        shard_model(model, plan.env, plan.device, cfg.sharding_strategy, cfg.vla.enable_mixed_precision_training)
+
+
+def _sharded_from_rank0(source, cfg: TrainConfig, plan: Plan):
+    """Build on the meta device, shard, then let rank 0 read the checkpoint and broadcast it shard by shard:
+    host memory holds one model copy per node's rank 0, not one per process."""
+    config = read_config(source)
+    with torch.device("meta"):
+        model = OpenVLA.from_config(config)
+    apply_train_stage(model, cfg.vla.train_stage)
+    _prepare_for_training(model, cfg, plan)
+    model.to_empty(device=plan.device)
+    weights = dict(read_weights(source, set(model.state_dict()))) if plan.env.is_main else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+    del weights
+    rebuild_rotary(model, plan.device)
+    return model, read_tokenizer(source), config
 
 
 def _anchor_batch(cache: AnchorCache, draw: int, cfg: TrainConfig, processor, env) -> dict:

@@ -10,12 +10,11 @@ image with the step, and the actions are a smooth task-specific function of the 
 
 import argparse
 import colorsys
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from prismatic.util.tf_setup import import_tensorflow
+from prismatic.vla.datasets.libero_schema import write_libero_rlds
 
 INSTRUCTIONS = (
     "put the black bowl on the plate",
@@ -27,36 +26,6 @@ INSTRUCTIONS = (
     "put the cream cheese in the bowl",
     "stack the black bowl on the other black bowl",
 )
-
-
-def _features(image_size: int):
-    import tensorflow_datasets as tfds
-
-    image = tfds.features.Image(shape=(image_size, image_size, 3), dtype=np.uint8, encoding_format="jpeg")
-    return tfds.features.FeaturesDict(
-        {
-            "steps": tfds.features.Dataset(
-                {
-                    "observation": tfds.features.FeaturesDict(
-                        {
-                            "image": image,
-                            "wrist_image": image,
-                            "state": tfds.features.Tensor(shape=(8,), dtype=np.float32),
-                            "joint_state": tfds.features.Tensor(shape=(7,), dtype=np.float32),
-                        }
-                    ),
-                    "action": tfds.features.Tensor(shape=(7,), dtype=np.float32),
-                    "discount": tfds.features.Scalar(dtype=np.float32),
-                    "reward": tfds.features.Scalar(dtype=np.float32),
-                    "is_first": tfds.features.Scalar(dtype=np.bool_),
-                    "is_last": tfds.features.Scalar(dtype=np.bool_),
-                    "is_terminal": tfds.features.Scalar(dtype=np.bool_),
-                    "language_instruction": tfds.features.Text(),
-                }
-            ),
-            "episode_metadata": tfds.features.FeaturesDict({"file_path": tfds.features.Text()}),
-        }
-    )
 
 
 def _instruction(task: int) -> str:
@@ -130,9 +99,6 @@ def write_synthetic_libero(
     target = Path(data_root_dir) / name / "1.0.0"
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it or pick another --data_root_dir / --name")
-    import_tensorflow()
-    import tensorflow_datasets as tfds
-
     rng = np.random.default_rng(seed)
     params = [
         {
@@ -151,17 +117,7 @@ def write_synthetic_libero(
                 path = f"synthetic/{_instruction(task).replace(' ', '_')}_demo.hdf5/demo_{ep}"
                 yield f"task{task}_ep{ep}", {"steps": steps, "episode_metadata": {"file_path": path}}
 
-    downloads = Path(data_root_dir) / "downloads"  # tfds creates it (empty) for every builder
-    downloads_existed = downloads.exists()
-    tfds.dataset_builders.store_as_tfds_dataset(
-        name=name,
-        version="1.0.0",
-        data_dir=str(data_root_dir),
-        features=_features(image_size),
-        split_datasets={"train": episodes()},
-    )
-    if not downloads_existed:
-        shutil.rmtree(downloads, ignore_errors=True)
+    write_libero_rlds(data_root_dir, name, episodes(), image_size)
     return target
 
 
