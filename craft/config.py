@@ -9,6 +9,7 @@ POOLINGS = ("mean_image_tokens", "mean_all_tokens", "last_token")
 RETENTION_LOSS_TYPES = ("mse", "cosine")
 EPSILON_SCHEDULES = ("constant", "linear", "cosine")
 STASH_DTYPES = ("float32", "bfloat16")
+STEP_IMPLS = ("two_pass", "one_pass")
 
 
 class CraftConfigError(ValueError):
@@ -37,6 +38,10 @@ class CraftConfig:
     # The stashed action gradient, CRaFT's one extra gradient-sized buffer: None keeps the gradients'
     # dtype; "bfloat16" halves it at a small cost in grad_dot accuracy (see benchmarks/RESULTS.md).
     grad_stash_dtype: Optional[str] = None
+    # two_pass: separate action and anchor forward/backward (the reference). one_pass: one forward/backward
+    # over [action; anchor] rows with row-group weight gradients (same result, one larger batch instead of
+    # two small latency-bound ones); one process, no activation checkpointing.
+    step_impl: str = "two_pass"
 
     def validate(self) -> None:
         """Reject values that would make the run meaningless, before any model or data is touched."""
@@ -51,6 +56,7 @@ class CraftConfig:
                 "--craft.anchor_cache_dir is required when --craft.enabled is true "
                 "(build one with vla-scripts/build_anchor_cache.py); found: not set"
             )
+        _choice("step_impl", self.step_impl, STEP_IMPLS)
         if self.grad_stash_dtype is not None:
             _choice("grad_stash_dtype", self.grad_stash_dtype, STASH_DTYPES)
         _positive("epsilon", self.epsilon)

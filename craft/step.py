@@ -2,14 +2,17 @@
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 
 from craft.dual import RetentionConstraint
+from craft.one_pass import RowGroupSplit
 from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products, local, squared_norm, take_grads
 
 LossFn = Callable[[], torch.Tensor]  # runs one micro-batch forward and returns its mean loss
+# One joint micro-batch: (forward returning (L_act, L_ret), number of action rows, number of rows).
+JointLoss = Tuple[Callable[[], Tuple[torch.Tensor, torch.Tensor]], int, int]
 
 
 class Collective:
@@ -62,6 +65,34 @@ def craft_step(
     g_act = take_grads(params, stash_dtype)
     l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
+    return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act, l_ret, max_grad_norm, collective)
+
+
+def craft_step_one_pass(
+    params: Sequence[torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    constraint: RetentionConstraint,
+    joint_losses: Sequence[JointLoss],
+    split: RowGroupSplit,
+    max_grad_norm: float,
+    stash_dtype: Optional[torch.dtype] = None,
+) -> StepResult:
+    """Steps 1-2 from one forward/backward per joint micro-batch (see craft.one_pass); then as craft_step."""
+    optimizer.zero_grad(set_to_none=True)
+    l_act = l_ret = torch.zeros((), dtype=torch.float64)
+    for fn, n_action_rows, n_rows in joint_losses:
+        with split.rows(n_action_rows, n_rows):
+            la, lr = fn()
+            ((la + lr) / len(joint_losses)).backward()
+        l_act, l_ret = l_act + la.detach().double().cpu(), l_ret + lr.detach().double().cpu()
+    g_act, g_ret = take_grads(params, stash_dtype), split.take_ret()
+    return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act / len(joint_losses),
+                               l_ret / len(joint_losses), max_grad_norm, Collective())
+
+
+def _constrained_update(params, optimizer, constraint: RetentionConstraint, g_act, g_ret, l_act: torch.Tensor,
+                        l_ret: torch.Tensor, max_grad_norm: float, collective: Collective) -> StepResult:
+    """Spec steps 3-7, the same whichever way g_act and g_ret were obtained."""
     local_stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.stack([l_act, l_ret])])
     dot, act_sq, ret_sq, l_act, l_ret = collective.reduce(local_stats).tolist()  # 3. one all-reduce
     lam, eps = constraint.lam, constraint.epsilon

@@ -308,3 +308,31 @@ def test_script_reports_errors_with_the_flag(tmp_path):
     )
     assert result.returncode == 2
     assert "error: --libero_hdf5_dir" in result.stderr and "does not exist" in result.stderr
+
+
+def test_failure_midway_leaves_nothing_behind(tmp_path, monkeypatch):
+    from prismatic.vla.datasets import libero_hdf5
+
+    source, _ = _libero_dir(tmp_path / "in")
+    real_read, calls = libero_hdf5._read_demo, []
+
+    def flaky_read(path, demo):
+        calls.append(demo)
+        if len(calls) == 3:
+            raise OSError("disk went away")
+        return real_read(path, demo)
+
+    monkeypatch.setattr(libero_hdf5, "_read_demo", flaky_read)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="disk went away"):
+        convert_libero_to_rlds(source, tmp_path / "out", NAME, image_size=SIZE, progress=False)
+    assert list((tmp_path / "out").iterdir()) == []  # neither a partial dataset nor tfds' downloads/
+
+
+def test_only_noops_is_an_error(tmp_path):
+    source = tmp_path / "in"
+    source.mkdir()
+    _write_file(source / PLAIN_FILE, {"demo_0": _demo_arrays(DEMO_STILL, 0)})
+    with pytest.raises(ValueError, match="--filter_noops: every demo .* no-op steps only"):
+        convert_libero_to_rlds(source, tmp_path / "out", NAME, image_size=SIZE, progress=False)
+    assert not (tmp_path / "out").exists()

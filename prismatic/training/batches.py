@@ -5,6 +5,7 @@ from typing import Dict, Iterator
 import numpy as np
 import torch
 
+from prismatic.models.vla import IGNORE_INDEX
 from prismatic.vla.action_tokenizer import ActionTokenizer
 from prismatic.vla.batching import PaddedCollator, training_example
 
@@ -41,3 +42,21 @@ def anchor_inputs(rows: Dict[str, np.ndarray], processor) -> Dict[str, torch.Ten
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+
+
+def joint_batch(action: Dict[str, torch.Tensor], anchors: Dict[str, torch.Tensor], pad_token_id: int) -> Dict:
+    """[action rows; anchor rows] right-padded to one length; anchor rows carry no action labels."""
+    length = max(action["input_ids"].shape[1], anchors["input_ids"].shape[1])
+
+    def pad(t: torch.Tensor, value) -> torch.Tensor:
+        return torch.nn.functional.pad(t, (0, length - t.shape[1]), value=value)
+
+    anchor_labels = torch.full_like(anchors["input_ids"], IGNORE_INDEX)
+    return {
+        "pixel_values": torch.cat([action["pixel_values"], anchors["pixel_values"]]),
+        "input_ids": torch.cat([pad(action["input_ids"], pad_token_id), pad(anchors["input_ids"], pad_token_id)]),
+        "attention_mask": torch.cat([pad(action["attention_mask"], False), pad(anchors["attention_mask"], False)]),
+        "labels": torch.cat([pad(action["labels"], IGNORE_INDEX), pad(anchor_labels, IGNORE_INDEX)]),
+        "target_features": anchors["target_features"],
+        "n_action_rows": action["input_ids"].shape[0],
+    }

@@ -21,11 +21,12 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.dual import RetentionConstraint
 from craft.retention import pool_hidden, retention_loss
-from craft.step import Collective, StepResult, baseline_step, craft_step
+from craft.one_pass import RowGroupSplit
+from craft.step import Collective, StepResult, baseline_step, craft_step, craft_step_one_pass
 from prismatic.conf.train import TrainConfig
 from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
 from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
-from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
+from prismatic.training.batches import ActionBatches, anchor_inputs, joint_batch, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
 from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
@@ -100,14 +101,33 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             return out.loss
         return fn
 
+    def retention_from_hidden(hidden, batch):
+        features = pool_hidden(hidden, cfg.craft.pooling, model.image_token_slice, batch["attention_mask"])
+        return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
+
     def retention_loss_fn(batch):
         def fn():
             with autocast:
                 hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                              layer=cfg.craft.hidden_layer)
-            features = pool_hidden(hidden, cfg.craft.pooling, model.image_token_slice, batch["attention_mask"])
-            return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
+            return retention_from_hidden(hidden, batch)
         return fn
+
+    def joint_loss_fn(batch, micro_metrics: list):
+        """One forward over [action; anchor] rows: L_act on the first rows, L_ret from the others."""
+        n = batch["n_action_rows"]
+
+        def fn():
+            with autocast:
+                out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                            output_hidden_states=True)
+            micro_metrics.append(action_metrics(out.action_logits.detach(), out.action_targets, action_tokenizer))
+            anchors = {"attention_mask": batch["attention_mask"][n:], "target_features": batch["target_features"]}
+            return out.loss, retention_from_hidden(out.hidden_states[cfg.craft.hidden_layer][n:], anchors)
+        return fn, n, batch["input_ids"].shape[0]
+
+    one_pass = constraint is not None and cfg.craft.step_impl == "one_pass"
+    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters())) if one_pass else None
 
     dry_run = cfg.dry_run_batches > 0
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
@@ -133,7 +153,12 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             t_data = time.perf_counter() - t0
             micro_metrics: list = []
             act_fns = [action_loss_fn(b, micro_metrics) for b in act_batches]
-            if constraint is not None:
+            if one_pass:
+                joint = [joint_loss_fn(joint_batch(a, r, tokenizer.pad_token_id), micro_metrics)
+                         for a, r in zip(act_batches, ret_batches)]
+                result = craft_step_one_pass(params, optimizer, constraint, joint, split, cfg.vla.max_grad_norm,
+                                             stash_dtype)
+            elif constraint is not None:
                 result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
                                     cfg.vla.max_grad_norm, collective, stash_dtype)
             else:

@@ -1,8 +1,10 @@
-"""RLDS data for VLA training: dataset registry, statistics, the frame stream and synthetic data.
+"""RLDS data for VLA training: dataset registry, statistics, the frame stream, synthetic data and the
+LIBERO HDF5 converter.
 
 Importing this package does not import TensorFlow; that happens when a stream is built.
 """
 
+from prismatic.vla.datasets.libero_hdf5 import convert_libero_to_rlds
 from prismatic.vla.datasets.registry import (
     DATASETS,
     MIXTURES,
@@ -23,6 +25,7 @@ __all__ = [
     "augment",
     "check_data_root",
     "compute_or_load_statistics",
+    "convert_libero_to_rlds",
     "libero_standardize",
     "normalize_bounds_q99",
     "resolve_mixture",

@@ -381,18 +381,30 @@ def convert_libero_to_rlds(
         f"LIBERO demonstrations converted from {Path(libero_hdf5_dir).expanduser().resolve()} by "
         f"prismatic.vla.datasets.libero_hdf5 (image_size={image_size}, filter_noops={filter_noops})."
     )
+    out_root = Path(output_dir).expanduser()
+    created_root = not out_root.exists()
     start = time.perf_counter()
     try:
         episodes = iter_episodes(files, demos_per_file, image_size=image_size, filter_noops=filter_noops,
                                  report=report, encoder=encoder, progress=progress)
-        Path(output_dir).expanduser().mkdir(parents=True, exist_ok=True)
-        write_libero_rlds(Path(output_dir).expanduser(), dataset_name, episodes, image_size, description=description)
+        out_root.mkdir(parents=True, exist_ok=True)
+        write_libero_rlds(out_root, dataset_name, episodes, image_size, description=description)
+    except Exception as e:  # write_libero_rlds has removed what it wrote; remove the folder made here too
+        if created_root:
+            try:
+                out_root.rmdir()
+            except OSError:
+                pass
+        total = sum(len(d) for d in demos_per_file.values())
+        if report.num_episodes == 0 and report.num_demos == total:  # tfds refuses an empty split
+            raise ValueError(
+                f"--filter_noops: every demo in --libero_hdf5_dir {str(libero_hdf5_dir)!r} consists of no-op "
+                f"steps only ({report.steps_read} steps); nothing was written"
+            ) from e
+        raise
     finally:
         encoder.close()
     report.seconds = time.perf_counter() - start
-    if report.num_episodes == 0:  # tfds wrote an empty split: useless for training, so do not leave it
-        shutil.rmtree(target, ignore_errors=True)
-        raise ValueError(f"--filter_noops: every demo of {libero_hdf5_dir} consisted of no-op steps only; nothing written")
     return report
 
 

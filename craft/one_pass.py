@@ -1,0 +1,137 @@
+"""Both CRaFT gradients from ONE forward/backward over the joint batch [action rows; anchor rows].
+
+Samples never interact except through the weights, so in the joint backward the output gradients of
+the action rows come only from L_act and those of the anchor rows only from L_ret. Every weight
+gradient is a sum over rows; splitting that sum at row `n` yields g_act and g_ret exactly:
+- linear layers (nearly all the weights): one forward GEMM and one input-gradient GEMM over all rows,
+  and the weight gradient as two row-group GEMMs (same FLOPs as one);
+- any other op on a weight (norms, embeddings, LayerScale, position embeddings, patch convolution):
+  evaluated once per row group, the anchor group reading a twin leaf of the weight that shares its
+  storage, so autograd delivers the anchor part to the twin.
+The action part lands in `param.grad`, the anchor part in this object's buffers. The interception is
+a TorchFunctionMode active for the forward AND the backward (activation checkpointing recomputes
+the forward inside the backward). A tracked weight used in an op without a batch-aligned input is
+refused, so a silent misattribution cannot happen. One process only: under FSDP the anchor part
+would also need its own reduce-scatter.
+"""
+
+from contextlib import contextmanager
+from typing import Dict, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+from torch.utils._pytree import tree_map
+
+from craft.surgery import Grads
+
+
+class _RowSplitLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, n, split):
+        device = x.device.type
+        dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
+        xc, wc = x.to(dtype), weight.to(dtype)
+        with torch.autocast(device, enabled=False):
+            y = F.linear(xc, wc, None if bias is None else bias.to(dtype))
+        ctx.save_for_backward(xc, wc)
+        ctx.n, ctx.split, ctx.weight, ctx.bias, ctx.x_dtype = n, split, weight, bias, x.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        xc, wc = ctx.saved_tensors
+        gy = gy.to(wc.dtype)
+        n, out_f, in_f = ctx.n, wc.shape[0], wc.shape[1]
+        gx = (gy @ wc).to(ctx.x_dtype)
+        g_act = gy[:n].reshape(-1, out_f).T @ xc[:n].reshape(-1, in_f)
+        ctx.split.add_ret(ctx.weight, gy[n:].reshape(-1, out_f).T @ xc[n:].reshape(-1, in_f))
+        gb_act = None
+        if ctx.bias is not None:
+            gb_act = gy[:n].reshape(-1, out_f).sum(0).to(ctx.bias.dtype)
+            ctx.split.add_ret(ctx.bias, gy[n:].reshape(-1, out_f).sum(0))
+        return gx, g_act.to(ctx.weight.dtype), gb_act, None, None
+
+
+class RowGroupSplit(TorchFunctionMode):
+    """Attribute weight gradients of rows [:n] to `.grad` and of rows [n:] to `take_ret()`."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter], action_only: Sequence[torch.nn.Parameter] = ()):
+        """`action_only`: weights that only the action rows reach (the output head, applied to the
+        supervised positions): their whole gradient is g_act and they are not intercepted."""
+        super().__init__()
+        self.params = list(params)
+        skip = {id(p) for p in action_only}
+        self.tracked = {id(p): p for p in self.params if id(p) not in skip}
+        self.twins: Dict[int, torch.Tensor] = {}
+        self.ret: Dict[int, torch.Tensor] = {}
+        self.n = self.total = 0
+
+    @contextmanager
+    def rows(self, n: int, total: int):
+        """Active around the joint forward and its backward; rows [:n] are the action rows."""
+        self.n, self.total = n, total
+        with self:
+            yield
+
+    def add_ret(self, param: torch.Tensor, grad: torch.Tensor) -> None:
+        key = id(param)
+        grad = grad.to(param.dtype)
+        self.ret[key] = grad if key not in self.ret else self.ret[key].add_(grad)
+
+    def take_ret(self) -> Grads:
+        """The accumulated anchor-row gradient of every parameter (None where it got none); resets."""
+        out = []
+        for p in self.params:
+            g, twin = self.ret.get(id(p)), self.twins.get(id(p))
+            if twin is not None and twin.grad is not None:
+                g = twin.grad if g is None else g.add_(twin.grad)
+            out.append(g)
+        self.ret, self.twins = {}, {}
+        return out
+
+    def _twin(self, p: torch.Tensor) -> torch.Tensor:
+        if id(p) not in self.twins:
+            self.twins[id(p)] = p.detach().requires_grad_(True)
+        return self.twins[id(p)]
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        used = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self.tracked]
+        if not used:
+            return func(*args, **kwargs)
+        if func is F.linear and args[0].shape[0] == self.total:
+            x, weight = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            return _RowSplitLinear.apply(x, weight, bias, self.n, self)
+        if getattr(func, "__name__", "") == "expand":
+            return self._split_expand(args)
+        if not any(isinstance(a, torch.Tensor) and id(a) not in self.tracked and a.dim() > 0
+                   and a.shape[0] == self.total for a in (*args, *kwargs.values())):
+            result = func(*args, **kwargs)
+            if isinstance(result, torch.Tensor):
+                raise RuntimeError(f"one-pass CRaFT cannot attribute the gradient of a weight used by {func} "
+                                   "without a batch-aligned input; use --craft.step_impl two_pass")
+            return result  # metadata (dtype, shape, ...): nothing to attribute
+        return torch.cat([self._call_rows(func, args, kwargs, slice(0, self.n), twin=False),
+                          self._call_rows(func, args, kwargs, slice(self.n, self.total), twin=True)])
+
+    def _call_rows(self, func, args, kwargs, rows: slice, twin: bool):
+        def pick(a):
+            if not isinstance(a, torch.Tensor):
+                return a
+            if id(a) in self.tracked:
+                return self._twin(a) if twin else a
+            return a[rows] if a.dim() > 0 and a.shape[0] == self.total else a
+        return func(*tree_map(pick, args), **tree_map(pick, kwargs))
+
+    def _split_expand(self, args):
+        """`token.expand(B, ...)` (class and register tokens): the B copies are rows of the batch."""
+        p, sizes = args[0], args[1:]
+        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list, torch.Size)):
+            sizes = tuple(sizes[0])
+        if sizes[0] != self.total:
+            raise RuntimeError("one-pass CRaFT: a weight is expanded over a dimension that is not the batch")
+        head = p.expand(self.n, *sizes[1:])
+        tail = self._twin(p).expand(self.total - self.n, *sizes[1:])
+        return torch.cat([head, tail])
