@@ -3,7 +3,8 @@ PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 DEMO   ?= data/demo
-RUN_ID ?= demo-$(shell date +%Y%m%d-%H%M%S)
+STAMP  := $(shell date +%Y%m%d-%H%M%S)
+RUN_ID ?= demo-$(STAMP)
 
 .PHONY: install demo test bench-tiny
 
