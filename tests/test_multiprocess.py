@@ -80,3 +80,19 @@ def test_a_rank_that_dies_ends_the_job_instead_of_hanging(demo, tmp_path):
     finally:
         if job.poll() is None:
             os.killpg(job.pid, signal.SIGKILL)
+
+
+def test_two_rank_run_resumes_exactly(demo, tmp_path):
+    common = {"vla.per_device_batch_size": 4, "save_interval": 2}
+    ref = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "ref", "vla.max_steps": 4}), nproc=2)
+    assert ref.returncode == 0, ref.stderr[-4000:]
+    first = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "cut", "vla.max_steps": 2}), nproc=2)
+    assert first.returncode == 0, first.stderr[-4000:]
+    resumed = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "cut", "vla.max_steps": 4,
+                                                       "resume_from": "latest"}), nproc=2)
+    assert resumed.returncode == 0, resumed.stderr[-4000:]
+    a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for x, y in zip(a, b):
+        for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "projection", "grad_norm"):
+            assert x[key] == y[key], (x["step"], key)
