@@ -11,6 +11,7 @@ and renamed at the end; `latest` is the newest folder without that suffix.
 import json
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import List, Optional
 
@@ -109,8 +110,10 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_stati
                        lora_scaling=lora_scaling, merge_lora=merge_lora, source_dir=source_dir)
     del weights
     _barrier(env)
-    dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(partial / "optimizer"),
-             no_dist=not env.distributed)
+    with warnings.catch_warnings():  # one process: DCP warns that it saves without a process group, as meant
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        dcp.save({"optimizer": get_optimizer_state_dict(model, optimizer)}, checkpoint_id=str(partial / "optimizer"),
+                 no_dist=not env.distributed)
     (partial / "rng").mkdir(exist_ok=True)
     torch.save(_rng_state(), partial / "rng" / f"rank-{env.rank}.pt")
     _barrier(env)
