@@ -2,8 +2,8 @@
 
     python benchmarks/bench_step.py --preset tiny --device cpu --batch 8 --anchor_batch 4 \
         --out benchmarks/results/step_tiny_cpu_b8_a4.json
-    python benchmarks/bench_step.py --preset openvla-7b --device cuda --dtype bfloat16 --batch 16 \
-        --anchor_batch 4 --grad_checkpointing true --out step_7b_h100_b16_a4.json
+    python benchmarks/bench_step.py --preset openvla-7b --device cuda --dtype bfloat16 --batch 32 \
+        --anchor_batch 8 --grad_checkpointing true --out benchmarks/results/step_openvla-7b_h100_b32_a8_gc.json
 
 No dataset, no TensorFlow, no download: random uint8 images go through `ImageProcessor`, token ids are built
 by `training_example` with the offline tiny tokenizer (its ids are OpenVLA's ids), and the weights are
@@ -15,11 +15,13 @@ within each repeat so slow drifts of the machine hit all of them alike):
   t_base_bpa_s  the same on an action batch of B + A samples (the first B are the batch above).
   t_craft_s     craft.step.craft_step: L_act on B, L_ret on A anchors (hidden layer -2, mean_image_tokens,
                 mse against random targets), take_grads, grad_products, Surgery.decide,
-                combine_into_grads, clipping.
+                combine_into_grads, clipping. With --step_impl one_pass, craft.step.craft_step_one_pass on
+                the joint batch [B action rows; A anchor rows] (prismatic.training.batches.joint_batch),
+                composed as the trainer composes it.
   t_anchor_s    the anchor forward + backward alone.
-  t_surgery_s   grad_products + Surgery.decide + combine_into_grads alone, on random tensors shaped like
-                the gradients the action loss produces (parameters it leaves without gradient are left out,
-                as in the real step).
+  t_surgery_s   grad_products + Surgery.decide + clip_scale + combine_into_grads alone, on random tensors
+                shaped like the real gradients: g_act where the action loss gives a gradient, g_ret where
+                the anchor loss does (None elsewhere, as in the real step).
 The optimizer update is left out of both steps (an optimizer stub whose step() does nothing, so the real
 craft_step / baseline_step code runs): it is the same work for both and AdamW's state for 7B does not fit
 one GPU. `--with_optimizer` times torch.optim.AdamW too (small presets).
@@ -27,12 +29,17 @@ one GPU. `--with_optimizer` times torch.optim.AdamW too (small presets).
 lambda is held at 1 (lambda_lr 0) so combine_into_grads always does its add: with lambda 0 and no conflict it
 would skip the add, and the step would be timed without it.
 
-surgery_bytes counts, at the gradients' storage dtype, each pass over memory the surgery makes:
-  grad_products: the dot product reads g_act and g_ret (2G), the two squared norms read them again (2G);
-  combine_into_grads: g_act += c g_ret reads both and writes g_act (3G);
-so surgery_bytes = 7 G with G = bytes of one gradient buffer (`grad_buffer_bytes`). The float32 copies
-grad_products makes of bfloat16 gradients (`.float()`) are extra traffic that is NOT counted, so
-surgery_bandwidth_gbps = surgery_bytes / t_surgery_s / 1e9 is the effective bandwidth of the operation.
+surgery_bytes: bytes read + written by grad_products and combine_into_grads, counted tensor by tensor from
+their sizes and dtypes as craft/surgery.py implements them (see surgery_traffic(): the elementwise
+products of bfloat16 pairs are counted, scalars are not); surgery_bandwidth_gbps =
+surgery_bytes / t_surgery_s / 1e9. surgery_bytes_floor is the least traffic the same result needs (one
+read of both gradients for the three products, one read-both/write-g_act pass for the clipped combination);
+surgery_floor_equiv_gbps = surgery_bytes_floor / t_surgery_s / 1e9. grad_buffer_bytes is one action
+gradient at the parameters' dtype (what the stash holds, unless --grad_stash_dtype casts it: stash_bytes).
+
+Peak memory: on cuda torch.cuda.max_memory_allocated (absolute, weights included), reset before each
+measured call; on cpu the RSS high-water mark of the call minus the RSS before it (see common.PeakRSS;
+garbage is collected and the heap trimmed before each call, so every call starts with cold CPU caches).
 """
 
 from __future__ import annotations
@@ -58,6 +65,7 @@ from craft.retention import pool_hidden, retention_loss  # noqa: E402
 from craft.step import baseline_step, craft_step  # noqa: E402
 from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products  # noqa: E402
 from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
+from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
 from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
 
@@ -103,12 +111,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="bfloat16: run forward passes under torch.autocast (the trainer's mixed precision)")
     p.add_argument("--grad_checkpointing", type=str2bool, default=False)
     p.add_argument("--with_optimizer", action="store_true", help="include an AdamW update in both steps")
+    p.add_argument("--step_impl", choices=("two_pass", "one_pass"), default="two_pass",
+                   help="the CRaFT step timed: craft_step (two_pass) or craft_step_one_pass")
+    p.add_argument("--grad_stash_dtype", choices=("none", "float32", "bfloat16"), default="none",
+                   help="dtype the action gradient is stashed in (craft's --craft.grad_stash_dtype)")
+    p.add_argument("--lora_rank", type=int, default=0,
+                   help="> 0: LoRA adapters (fp32) on every linear layer but lm_head, base frozen in --dtype "
+                        "(the trainer's --vla.use_lora); the surgery then covers adapter gradients only")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output file")
     args = p.parse_args(argv)
-    if args.batch < 1 or args.anchor_batch < 1 or args.repeats < 1 or args.warmup < 0:
-        p.error("--batch, --anchor_batch and --repeats must be >= 1, --warmup >= 0")
+    if args.batch < 1 or args.anchor_batch < 1 or args.repeats < 1 or args.warmup < 0 or args.lora_rank < 0:
+        p.error("--batch, --anchor_batch and --repeats must be >= 1, --warmup and --lora_rank >= 0")
     return args
 
 
@@ -245,33 +260,37 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def surgery_traffic(g_act, g_ret, ret_coef: float, scale: float) -> int:
+def surgery_traffic(params, g_act, g_ret, ret_coef: float, scale: float) -> int:
     """Bytes read + written by grad_products and combine_into_grads as craft/surgery.py implements them.
 
-    grad_products: each dot reads float32 views of both operands (`.float()` of a non-float32 tensor first
-    reads it and writes a float32 copy); each squared norm (`_foreach_norm` over both lists) reads a float32
-    view of its tensor, with the same copy cost. combine_into_grads: the clip factor (when != 1) reads and
-    writes g_act; g_act += c g_ret reads both and writes g_act; a gradient only the anchor loss produced is
-    scaled in place (read + write). Scalars and the stacked per-tensor results are not counted.
+    grad_products: a float32 pair's dot reads both operands; any other pair is multiplied elementwise
+    (reads both, writes the product at the promoted dtype) and the product is summed (read again). Each
+    squared norm (`_foreach_norm` with float32 accumulation) reads its tensor once at its own dtype.
+    combine_into_grads, for a stash in the parameter's dtype: the clip factor (when != 1) reads and
+    writes g_act; g_act += c g_ret reads both and writes g_act; a gradient only the anchor loss produced
+    is scaled in place (read + write). For a stash in another dtype (bf16 stash of fp32 gradients) the
+    sum goes into g_ret instead: g_ret *= c (read + write), g_ret += scale g_act (read both, write
+    g_ret). Scalars and the stacked per-tensor results are not counted.
     """
-    def cast(t):
-        return 0 if t.dtype == torch.float32 else t.numel() * (t.element_size() + 4)
-
     def nb(t):
         return t.numel() * t.element_size()
 
     total = 0
-    for a, r in zip(g_act, g_ret):
+    for p, a, r in zip(params, g_act, g_ret):
         if a is not None and r is not None:
-            total += cast(a) + cast(r) + 4 * (a.numel() + r.numel())  # dot
-        for g in (a, r):
-            if g is not None:
-                total += cast(g) + 4 * g.numel()  # squared norm
-        if a is not None and scale != 1.0:
-            total += 2 * nb(a)
-        if a is not None and r is not None and ret_coef != 0.0:
-            total += 3 * nb(a)
-        elif a is None and r is not None:
+            total += nb(a) + nb(r)
+            if not (a.dtype == r.dtype == torch.float32):
+                total += 2 * a.numel() * torch.promote_types(a.dtype, r.dtype).itemsize  # product out + in
+        total += sum(nb(g) for g in (a, r) if g is not None)  # squared norms
+        if a is not None and a.dtype != p.dtype:  # sum formed in g_ret (a zero g_ret is allocated if missing)
+            out = r if r is not None else p
+            total += 2 * nb(out) + (2 * nb(out) + nb(a))
+        elif a is not None:
+            if scale != 1.0:
+                total += 2 * nb(a)
+            if r is not None and ret_coef != 0.0:
+                total += 3 * nb(a)
+        elif r is not None:
             total += 2 * nb(r)
     return total
 
@@ -281,6 +300,30 @@ def surgery_traffic_floor(g_act, g_ret) -> int:
     one pass reading both and writing g_act for the (clipped) combination, at the storage dtype."""
     read_both = _nbytes(g_act) + _nbytes(g_ret)
     return 2 * read_both + _nbytes(g_act)
+
+
+def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype):
+    """craft_step_one_pass on the joint batch [action rows; anchor rows], composed as the trainer does."""
+    from craft.one_pass import RowGroupSplit
+    from craft.step import craft_step_one_pass
+    from prismatic.training.batches import joint_batch
+
+    batch = joint_batch(act, anchors, model.config.pad_token_id)
+    n = batch["n_action_rows"]
+    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters()))
+
+    def fn():
+        with autocast:
+            out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
+                        output_hidden_states=True)
+        hidden = out.hidden_states[HIDDEN_LAYER][n:]
+        features = pool_hidden(hidden, POOLING, model.image_token_slice, batch["attention_mask"][n:])
+        return out.loss, retention_loss(features, batch["target_features"], LOSS_TYPE)
+
+    def step(optimizer, constraint):
+        return craft_step_one_pass(params, optimizer, constraint, [(fn, n, batch["input_ids"].shape[0])], split,
+                                   MAX_GRAD_NORM, stash_dtype=stash_dtype)
+    return step
 
 
 def device_name(device: torch.device) -> str:
@@ -300,10 +343,13 @@ def run(args: argparse.Namespace) -> dict:
     dtype = DTYPES[args.dtype or config.torch_dtype]
 
     model = build_model(args.preset, device, dtype, args.seed)
+    lora_alpha = min(args.lora_rank, 16)  # the trainer's default --vla.lora_alpha
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank, lora_alpha, 0.0, lora_targets(model, "all-linear"))
     if args.grad_checkpointing:
         model.gradient_checkpointing_enable()
     model.train()
-    params = [p for p in model.parameters() if p.requires_grad]  # vla-full-train: everything
+    params = [p for p in model.parameters() if p.requires_grad]  # vla-full-train: everything; LoRA: adapters
     total_params = sum(p.numel() for p in model.parameters())
 
     act_cpu, bpa_cpu, anchors_cpu = synthetic_batches(config, args.batch, args.anchor_batch, args.seed)
@@ -329,6 +375,13 @@ def run(args: argparse.Namespace) -> dict:
             return retention_loss(features, batch["target_features"], LOSS_TYPE)
         return fn
 
+    stash_dtype = None if args.grad_stash_dtype == "none" else DTYPES[args.grad_stash_dtype]
+    if args.step_impl == "one_pass":
+        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype)
+    else:
+        def craft_fn(optimizer, constraint):
+            return craft_step(params, optimizer, constraint, [action_loss(act)], [anchor_loss(anchors)],
+                              MAX_GRAD_NORM, stash_dtype=stash_dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-6) if args.with_optimizer else NoOpOptimizer(params)
     # lambda fixed at 1 so combine_into_grads always runs its add (see the module docstring).
     constraint = RetentionConstraint(EpsilonSchedule("constant", 0.05), DualMultiplier(1.0, 0.0))
@@ -345,8 +398,7 @@ def run(args: argparse.Namespace) -> dict:
     kinds = {
         "base": lambda: checked(baseline_step(params, optimizer, [action_loss(act)], MAX_GRAD_NORM), "base"),
         "base_bpa": lambda: checked(baseline_step(params, optimizer, [action_loss(bpa)], MAX_GRAD_NORM), "base_bpa"),
-        "craft": lambda: checked(craft_step(params, optimizer, constraint, [action_loss(act)],
-                                            [anchor_loss(anchors)], MAX_GRAD_NORM), "craft"),
+        "craft": lambda: checked(craft_fn(optimizer, constraint), "craft"),
         "anchor": lambda: anchor_only(anchor_loss(anchors)),
     }
     times = {k: [] for k in kinds}
@@ -373,10 +425,10 @@ def run(args: argparse.Namespace) -> dict:
         torch.cuda.empty_cache()
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
 
-    def random_like(p, has):
-        return torch.randn(p.shape, dtype=p.dtype, device=device, generator=gen) if has else None
+    def random_like(p, has, dtype=None):
+        return torch.randn(p.shape, dtype=dtype or p.dtype, device=device, generator=gen) if has else None
 
-    g_act = [random_like(p, a) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
+    g_act = [random_like(p, a, stash_dtype) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
     g_ret = [random_like(p, r) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
     decisions = []
 
@@ -394,8 +446,10 @@ def run(args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             surgery_times.append(dt)
     ret_coef, scale = decisions[-1]
-    grad_buffer_bytes = _nbytes(g_act)  # one action gradient: what CRaFT stashes
-    surgery_bytes = surgery_traffic(g_act, g_ret, ret_coef, scale)
+    # One gradient buffer: the action gradient at the parameters' dtype; the stash is that, or its cast.
+    grad_buffer_bytes = sum(p.numel() * p.element_size() for p, has in zip(params, covered["act"]) if has)
+    stash_bytes = _nbytes(g_act)
+    surgery_bytes = surgery_traffic(surgery_params, g_act, g_ret, ret_coef, scale)
     surgery_bytes_floor = surgery_traffic_floor(g_act, g_ret)
     del g_act, g_ret
 
@@ -413,6 +467,10 @@ def run(args: argparse.Namespace) -> dict:
         autocast=args.autocast,
         grad_checkpointing=args.grad_checkpointing,
         with_optimizer=args.with_optimizer,
+        step_impl=args.step_impl,
+        lora_rank=args.lora_rank,
+        lora_alpha=lora_alpha if args.lora_rank else None,
+        grad_stash_dtype=args.grad_stash_dtype,
         attn_implementation=getattr(model.language_model.config, "_attn_implementation", None),
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
@@ -433,6 +491,7 @@ def run(args: argparse.Namespace) -> dict:
         ratio=t_craft / t_base,
         floor_ratio=t_bpa / t_base + t_surgery / t_base,
         grad_buffer_bytes=grad_buffer_bytes,
+        stash_bytes=stash_bytes,
         surgery_bytes=surgery_bytes,
         surgery_bytes_counting="as craft/surgery.py implements it, see surgery_traffic() in bench_step.py",
         surgery_bandwidth_gbps=surgery_bytes / t_surgery / 1e9,

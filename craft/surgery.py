@@ -31,18 +31,26 @@ def take_grads(params: Sequence[torch.Tensor], dtype: Optional[torch.dtype] = No
 
 
 def squared_norm(grads: Grads) -> torch.Tensor:
-    """Local sum of squares, accumulated in float32 per tensor and float64 across tensors."""
+    """Local sum of squares: float32 accumulation inside each tensor, whatever its dtype (no float32
+    copy of a bf16 gradient), float64 across tensors."""
     tensors = [local(g) for g in grads if g is not None]
     if not tensors:
         return torch.zeros((), dtype=torch.float64)
-    norms = torch._foreach_norm([t if t.dtype == torch.float32 else t.float() for t in tensors])
+    norms = torch._foreach_norm(tensors, 2, dtype=torch.float32)
     return torch.stack(norms).double().pow(2).sum()
+
+
+def _dot(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """<a, r> accumulated in float32. A low-precision pair is multiplied in its own dtype (the rounding
+    of single products averages out) instead of being copied to float32 first: 2 bytes less per element."""
+    if a.dtype == r.dtype == torch.float32:
+        return torch.dot(a.reshape(-1), r.reshape(-1))
+    return torch.sum(a * r, dtype=torch.float32)
 
 
 def grad_products(g_act: Grads, g_ret: Grads) -> torch.Tensor:
     """Local float64 [<g_act, g_ret>, |g_act|^2, |g_ret|^2]: one vector, so one all-reduce sums all shards."""
-    dots = [torch.dot(local(a).reshape(-1).float(), local(r).reshape(-1).float())
-            for a, r in zip(g_act, g_ret) if a is not None and r is not None]
+    dots = [_dot(local(a), local(r)) for a, r in zip(g_act, g_ret) if a is not None and r is not None]
     dot = torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64)
     act_sq, ret_sq = squared_norm(g_act), squared_norm(g_ret)
     return torch.stack([dot.to(act_sq.device), act_sq, ret_sq.to(act_sq.device)])

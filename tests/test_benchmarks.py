@@ -40,9 +40,11 @@ STEP_KEYS = (
 )
 
 
-def test_bench_step_tiny_cpu(tmp_path):
+@pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
+def test_bench_step_tiny_cpu(tmp_path, step_impl):
     r = _run("bench_step.py", tmp_path / "step.json", "--preset", "tiny", "--device", "cpu", "--batch", "2",
-             "--anchor_batch", "1", "--warmup", "1", "--repeats", "1", "--threads", "2")
+             "--anchor_batch", "1", "--warmup", "1", "--repeats", "1", "--threads", "2", "--step_impl", step_impl)
+    assert r["step_impl"] == step_impl
     missing = [k for k in STEP_KEYS if k not in r]
     assert not missing, f"missing keys {missing}"
     _common(r)

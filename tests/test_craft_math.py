@@ -209,3 +209,21 @@ def test_bfloat16_stash_gives_the_combination_to_bfloat16_accuracy_in_float32_gr
     combine_into_grads(params, stash, [None if x is None else x.clone() for x in g_ret], surgery.ret_coef, scale=0.5)
     assert all(p.grad.dtype == torch.float32 for p in params)
     np.testing.assert_allclose(_flat([p.grad for p in params]), 0.5 * _reference(a, r, lam), rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_products_of_bfloat16_gradients_accumulate_in_float32(seed):
+    """Large bf16 tensors: a bf16 accumulator would be off by percents; float32 accumulation of products
+    rounded to bf16 is off by far less than one bf16 rounding (4e-3) of the result."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = [(300, 1000), (1000,), (4, 50_000)]
+    g_act = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    g_ret = [(0.3 * a.float() + torch.randn(a.shape, generator=g)).bfloat16() for a in g_act]
+    g_act[1] = None
+    a = np.concatenate([np.zeros(1000) if t is None else t.double().numpy().ravel() for t in g_act])
+    r = np.concatenate([t.double().numpy().ravel() for t in g_ret])
+    dot, act_sq, ret_sq = grad_products(g_act, g_ret).tolist()
+    scale = np.linalg.norm(a) * np.linalg.norm(r)
+    assert abs(dot - a @ r) <= 1e-4 * scale
+    assert act_sq == pytest.approx(a @ a, rel=1e-4)  # torch's own float32 norm of 3e5 elements: ~1e-5
+    assert ret_sq == pytest.approx(r @ r, rel=1e-4)
