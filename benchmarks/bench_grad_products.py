@@ -6,12 +6,16 @@ each way is timed (median after warm-up, device-synchronised) and compared with 
     python benchmarks/bench_grad_products.py --preset openvla-7b --device cuda \
         --out benchmarks/results/grad_products_openvla-7b_h200.json
 
-Ways (all take the norms from `_foreach_norm(..., dtype=float32)` except `float32_copies`):
-  implemented     craft.surgery.grad_products: bf16 elementwise product, summed with float32 accumulation
-  float32_copies  the earlier implementation: dot and norms of `.float()` copies of every tensor
+Ways:
+  implemented     craft.surgery.grad_products: on CUDA the fused kernel (craft.fused_surgery), one read of
+                  both gradients for all three sums, float32 accumulation
+  torch_path      the same function without the fused kernel: bf16 elementwise product summed with float32
+                  accumulation, norms from `_foreach_norm(..., dtype=float32)`
+  float32_copies  the first implementation: dot and norms of `.float()` copies of every tensor
   mm_out_float32  dot as a (1 x n) @ (n x 1) product with float32 output (`torch.mm(..., out_dtype=)`,
                   CUDA only): one read of each operand, products and sum in float32
   dot_bf16        torch.dot in bf16: float32 accumulation inside, each tensor's result rounded to bf16
+(mm_out_float32 and dot_bf16 take the norms from `_foreach_norm(..., dtype=float32)`.)
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import argparse
 import sys
 import time
 from pathlib import Path
+from unittest import mock
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_record, median, write_json  # noqa: E402
@@ -27,12 +32,18 @@ from common import base_record, median, write_json  # noqa: E402
 import prismatic  # noqa: E402,F401  (torchvision guard before timm)
 import torch  # noqa: E402
 
-from craft.surgery import grad_products  # noqa: E402
+from craft import surgery  # noqa: E402
+from craft.surgery import fused_kernels, grad_products  # noqa: E402
 from prismatic.models import OpenVLA, PRESETS, preset_config  # noqa: E402
 
 
 def _norms(g):
     return torch.stack(torch._foreach_norm(g, 2, dtype=torch.float32)).double().pow(2).sum()
+
+
+def torch_path(a, r):
+    with mock.patch.object(surgery, "_fused_for", lambda tensors: None):
+        return grad_products(a, r)
 
 
 def float32_copies(a, r):
@@ -52,11 +63,13 @@ def dot_bf16(a, r):
     return torch.stack([dot.double().sum(), _norms(a), _norms(r)])
 
 
-WAYS = {"implemented": grad_products, "float32_copies": float32_copies, "mm_out_float32": mm_out_float32,
-        "dot_bf16": dot_bf16}
-# Bytes read + written per element pair (bf16 operands): the norms read both tensors once (4 bytes)
-# except float32_copies (read 2 + write 4 + read 4, per tensor, for the dot and again for the norms).
-BYTES_PER_ELEMENT = {"implemented": 4 + 8, "float32_copies": 2 * 2 * (2 + 4 + 4), "mm_out_float32": 4 + 4,
+WAYS = {"implemented": grad_products, "torch_path": torch_path, "float32_copies": float32_copies,
+        "mm_out_float32": mm_out_float32, "dot_bf16": dot_bf16}
+# Bytes read + written per element pair (bf16 operands). The fused kernel reads both once (4 bytes); the
+# others read both for the norms (4) plus: torch_path the product (read 4, write 2, read 2),
+# float32_copies a copy per tensor for the dot and again for the norms (read 2 + write 4 + read 4, each),
+# mm_out_float32 and dot_bf16 one more read of both (4).
+BYTES_PER_ELEMENT = {"torch_path": 4 + 8, "float32_copies": 2 * 2 * (2 + 4 + 4), "mm_out_float32": 4 + 4,
                      "dot_bf16": 4 + 4}
 
 
@@ -77,6 +90,8 @@ def main(argv=None):
     p.add_argument("--out", default=None)
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    fused = device.type == "cuda" and fused_kernels() is not None
+    bytes_per_element = {**BYTES_PER_ELEMENT, "implemented": 4 if fused else BYTES_PER_ELEMENT["torch_path"]}
     with torch.device("meta"):
         shapes = [q.shape for q in OpenVLA.from_config(preset_config(args.preset)).parameters()]
     gen = torch.Generator(device=device).manual_seed(0)
@@ -103,13 +118,13 @@ def main(argv=None):
         t = median(times)
         rel = ((out - ref).abs() / ref.abs()).tolist()
         cos = (out[0] / (out[1] * out[2]).sqrt()).item()
-        ways[name] = {"t_s": t, "times_s": times, "bytes": BYTES_PER_ELEMENT[name] * numel,
-                      "gbps": BYTES_PER_ELEMENT[name] * numel / t / 1e9, "rel_err_dot": rel[0],
+        ways[name] = {"t_s": t, "times_s": times, "bytes": bytes_per_element[name] * numel,
+                      "gbps": bytes_per_element[name] * numel / t / 1e9, "rel_err_dot": rel[0],
                       "rel_err_act_sq": rel[1], "rel_err_ret_sq": rel[2], "abs_err_cos": abs(cos - cos_ref)}
         print(f"{name:15s} {t * 1e3:8.2f} ms  {ways[name]['gbps']:7.1f} GB/s  dot rel err {rel[0]:.2e}  "
               f"norm rel err {max(rel[1:]):.2e}  cos abs err {abs(cos - cos_ref):.2e}", flush=True)
     record = base_record(device=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-                         preset=args.preset, tensors=len(shapes), numel=numel, torch_version=torch.__version__,
+                         preset=args.preset, implemented_is_fused=fused, tensors=len(shapes), numel=numel, torch_version=torch.__version__,
                          reference=ref.tolist(), grad_cos_reference=cos_ref, ways=ways)
     write_json(args.out, record)
     return record

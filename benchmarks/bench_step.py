@@ -30,8 +30,8 @@ lambda is held at 1 (lambda_lr 0) so combine_into_grads always does its add: wit
 would skip the add, and the step would be timed without it.
 
 surgery_bytes: bytes read + written by grad_products and combine_into_grads, counted tensor by tensor from
-their sizes and dtypes as craft/surgery.py implements them (see surgery_traffic(): the elementwise
-products of bfloat16 pairs are counted, scalars are not); surgery_bandwidth_gbps =
+their sizes and dtypes as craft/surgery.py implements them (fused kernels on CUDA, torch multi-tensor
+operations elsewhere; see surgery_traffic(): scalars are not counted); surgery_bandwidth_gbps =
 surgery_bytes / t_surgery_s / 1e9. surgery_bytes_floor is the least traffic the same result needs (one
 read of both gradients for the three products, one read-both/write-g_act pass for the clipped combination);
 surgery_floor_equiv_gbps = surgery_bytes_floor / t_surgery_s / 1e9. grad_buffer_bytes is one action
@@ -63,7 +63,7 @@ import transformers  # noqa: E402
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint  # noqa: E402
 from craft.retention import pool_hidden, retention_loss  # noqa: E402
 from craft.step import baseline_step, craft_step  # noqa: E402
-from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products  # noqa: E402
+from craft.surgery import Surgery, fused_kernels, clip_scale, combine_into_grads, grad_products  # noqa: E402
 from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
 from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
@@ -260,37 +260,39 @@ def _nbytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 
-def surgery_traffic(params, g_act, g_ret, ret_coef: float, scale: float) -> int:
+def surgery_traffic(params, g_act, g_ret, ret_coef: float, scale: float, fused: bool) -> int:
     """Bytes read + written by grad_products and combine_into_grads as craft/surgery.py implements them.
 
-    grad_products: a float32 pair's dot reads both operands; any other pair is multiplied elementwise
-    (reads both, writes the product at the promoted dtype) and the product is summed (read again). Each
-    squared norm (`_foreach_norm` with float32 accumulation) reads its tensor once at its own dtype.
-    combine_into_grads, for a stash in the parameter's dtype: the clip factor (when != 1) reads and
-    writes g_act; g_act += c g_ret reads both and writes g_act; a gradient only the anchor loss produced
-    is scaled in place (read + write). For a stash in another dtype (bf16 stash of fp32 gradients) the
-    sum goes into g_ret instead: g_ret *= c (read + write), g_ret += scale g_act (read both, write
-    g_ret). Scalars and the stacked per-tensor results are not counted.
+    fused (craft.fused_surgery, CUDA): the three products of a pair read both tensors once; the
+    combination of a pair reads both and writes g_act once (a pure rescale when ret_coef is 0 reads and
+    writes g_act). torch path: a float32 pair's dot reads both operands; any other pair is multiplied
+    elementwise (reads both, writes the product at the promoted dtype) and the product is summed (read
+    again); each squared norm (`_foreach_norm`, float32 accumulation) reads its tensor once; the clip
+    factor (when != 1) reads and writes g_act, then g_act += c g_ret reads both and writes g_act.
+    Either way: a gradient only one loss produced has its norm read once, and is rescaled in place
+    (read + write) when its factor is not 1. For a stash in another dtype than the parameter (bf16
+    stash of fp32 gradients) the sum goes into g_ret: g_ret *= c (read + write), g_ret += scale g_act
+    (read both, write g_ret). Scalars and per-tensor partial results are not counted.
     """
     def nb(t):
         return t.numel() * t.element_size()
 
     total = 0
     for p, a, r in zip(params, g_act, g_ret):
-        if a is not None and r is not None:
-            total += nb(a) + nb(r)
+        paired = a is not None and r is not None
+        total += sum(nb(g) for g in (a, r) if g is not None)  # products (fused) or squared norms (torch)
+        if paired and not fused:
+            total += nb(a) + nb(r)  # the dot's own read
             if not (a.dtype == r.dtype == torch.float32):
                 total += 2 * a.numel() * torch.promote_types(a.dtype, r.dtype).itemsize  # product out + in
-        total += sum(nb(g) for g in (a, r) if g is not None)  # squared norms
         if a is not None and a.dtype != p.dtype:  # sum formed in g_ret (a zero g_ret is allocated if missing)
             out = r if r is not None else p
             total += 2 * nb(out) + (2 * nb(out) + nb(a))
-        elif a is not None:
-            if scale != 1.0:
-                total += 2 * nb(a)
-            if r is not None and ret_coef != 0.0:
-                total += 3 * nb(a)
-        elif r is not None:
+        elif paired and ret_coef != 0.0:
+            total += (2 * nb(a) + nb(r)) + (0 if fused or scale == 1.0 else 2 * nb(a))
+        elif a is not None and scale != 1.0:
+            total += 2 * nb(a)
+        elif a is None and r is not None:
             total += 2 * nb(r)
     return total
 
@@ -302,7 +304,7 @@ def surgery_traffic_floor(g_act, g_ret) -> int:
     return 2 * read_both + _nbytes(g_act)
 
 
-def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype):
+def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype, checkpointing: bool):
     """craft_step_one_pass on the joint batch [action rows; anchor rows], composed as the trainer does."""
     from craft.one_pass import RowGroupSplit
     from craft.step import craft_step_one_pass
@@ -311,6 +313,8 @@ def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype
     batch = joint_batch(act, anchors, model.config.pad_token_id)
     n = batch["n_action_rows"]
     split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters()))
+    if checkpointing:  # the recomputed forward must be split too (inactive outside the joint batch)
+        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
 
     def fn():
         with autocast:
@@ -377,7 +381,7 @@ def run(args: argparse.Namespace) -> dict:
 
     stash_dtype = None if args.grad_stash_dtype == "none" else DTYPES[args.grad_stash_dtype]
     if args.step_impl == "one_pass":
-        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype)
+        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype, args.grad_checkpointing)
     else:
         def craft_fn(optimizer, constraint):
             return craft_step(params, optimizer, constraint, [action_loss(act)], [anchor_loss(anchors)],
@@ -449,7 +453,8 @@ def run(args: argparse.Namespace) -> dict:
     # One gradient buffer: the action gradient at the parameters' dtype; the stash is that, or its cast.
     grad_buffer_bytes = sum(p.numel() * p.element_size() for p, has in zip(params, covered["act"]) if has)
     stash_bytes = _nbytes(g_act)
-    surgery_bytes = surgery_traffic(surgery_params, g_act, g_ret, ret_coef, scale)
+    fused = device.type == "cuda" and fused_kernels() is not None
+    surgery_bytes = surgery_traffic(surgery_params, g_act, g_ret, ret_coef, scale, fused)
     surgery_bytes_floor = surgery_traffic_floor(g_act, g_ret)
     del g_act, g_ret
 
@@ -493,6 +498,7 @@ def run(args: argparse.Namespace) -> dict:
         grad_buffer_bytes=grad_buffer_bytes,
         stash_bytes=stash_bytes,
         surgery_bytes=surgery_bytes,
+        surgery_fused=fused,
         surgery_bytes_counting="as craft/surgery.py implements it, see surgery_traffic() in bench_step.py",
         surgery_bandwidth_gbps=surgery_bytes / t_surgery / 1e9,
         surgery_bytes_floor=surgery_bytes_floor,

@@ -9,13 +9,14 @@ gradient is a sum over rows; splitting that sum at row `n` yields g_act and g_re
   evaluated once per row group, the anchor group reading a twin leaf of the weight that shares its
   storage, so autograd delivers the anchor part to the twin.
 The action part lands in `param.grad`, the anchor part in this object's buffers. The interception is
-a TorchFunctionMode active for the forward AND the backward (activation checkpointing recomputes
-the forward inside the backward). A tracked weight used in an op without a batch-aligned input is
-refused, so a silent misattribution cannot happen. One process only: under FSDP the anchor part
-would also need its own reduce-scatter.
+a TorchFunctionMode active around the forward and the backward; activation checkpointing recomputes
+the forward inside the backward, where autograd does not carry the mode, so the checkpoint
+re-enters it through `recompute_context`. A tracked weight used in an op without a batch-aligned
+input is refused, so a silent misattribution cannot happen. One process only: under FSDP the anchor
+part would also need its own reduce-scatter.
 """
 
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Dict, Sequence
 
 import torch
@@ -71,7 +72,23 @@ class RowGroupSplit(TorchFunctionMode):
     def rows(self, n: int, total: int):
         """Active around the joint forward and its backward; rows [:n] are the action rows."""
         self.n, self.total = n, total
-        with self:
+        try:
+            with self:
+                yield
+        finally:
+            self.n = self.total = 0
+
+    def recompute_context(self):
+        """torch.utils.checkpoint's `context_fn`: no change for the forward; the recomputation in the
+        backward runs under this split again while a joint batch is in flight."""
+        return nullcontext(), self._reentered()
+
+    @contextmanager
+    def _reentered(self):
+        if self.total > 0 and self not in torch.overrides._get_current_function_mode_stack():
+            with self:
+                yield
+        else:
             yield
 
     def add_ret(self, param: torch.Tensor, grad: torch.Tensor) -> None:

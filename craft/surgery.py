@@ -4,15 +4,34 @@ The action gradient is stashed by moving the `.grad` tensors out of the paramete
 retention backward then allocates fresh `.grad` tensors. That stash is the only extra gradient-sized
 memory CRaFT needs. A parameter that got no gradient from one loss counts as zero for that loss.
 Sharded (DTensor) gradients are handled through their local shards: every sum here is a local
-partial sum that the caller all-reduces once.
+partial sum that the caller all-reduces once. On CUDA the pairwise work runs as two fused passes
+(craft.fused_surgery); elsewhere, or without Triton, as torch multi-tensor operations.
 """
 
+import functools
 from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
 
 Grads = List[Optional[torch.Tensor]]
+
+
+@functools.lru_cache(maxsize=1)
+def fused_kernels():
+    try:
+        from craft import fused_surgery
+    except ImportError:  # no Triton: the torch path below does the same arithmetic in more passes
+        return None
+    return fused_surgery
+
+
+def _fused_for(tensors: Sequence[torch.Tensor]):
+    """The fused kernels, if they apply to these tensors (all on CUDA, supported dtypes)."""
+    if not tensors or not all(t.is_cuda for t in tensors):
+        return None
+    fused = fused_kernels()
+    return fused if fused is not None and fused.supports(tensors) else None
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -48,12 +67,26 @@ def _dot(a: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
     return torch.sum(a * r, dtype=torch.float32)
 
 
+def paired_products(a: List[torch.Tensor], r: List[torch.Tensor]) -> torch.Tensor:
+    """float64 [sum <a_i, r_i>, sum |a_i|^2, sum |r_i|^2] over gradient pairs present in both losses."""
+    fused = _fused_for(a + r)
+    if fused is not None:
+        return fused.products(a, r)
+    dot = torch.stack([_dot(x, y) for x, y in zip(a, r)]).double().sum()
+    return torch.stack([dot, squared_norm(a).to(dot.device), squared_norm(r).to(dot.device)])
+
+
 def grad_products(g_act: Grads, g_ret: Grads) -> torch.Tensor:
     """Local float64 [<g_act, g_ret>, |g_act|^2, |g_ret|^2]: one vector, so one all-reduce sums all shards."""
-    dots = [_dot(local(a), local(r)) for a, r in zip(g_act, g_ret) if a is not None and r is not None]
-    dot = torch.stack(dots).double().sum() if dots else torch.zeros((), dtype=torch.float64)
-    act_sq, ret_sq = squared_norm(g_act), squared_norm(g_ret)
-    return torch.stack([dot.to(act_sq.device), act_sq, ret_sq.to(act_sq.device)])
+    pairs = [(local(a), local(r)) for a, r in zip(g_act, g_ret) if a is not None and r is not None]
+    alone_a = [a for a, r in zip(g_act, g_ret) if a is not None and r is None]
+    alone_r = [r for a, r in zip(g_act, g_ret) if a is None and r is not None]
+    device = next((local(g).device for g in (*g_act, *g_ret) if g is not None), torch.device("cpu"))
+    out = torch.stack([torch.zeros((), dtype=torch.float64, device=device),
+                       squared_norm(alone_a).to(device), squared_norm(alone_r).to(device)])
+    if pairs:
+        out = out + paired_products(*map(list, zip(*pairs)))
+    return out
 
 
 def clip_scale(grad_sq: float, max_norm: float) -> float:
@@ -89,7 +122,7 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
     A stash kept in a lower precision than the parameter (bf16 stash) is added into g_ret instead,
     so that `.grad` keeps the parameter's dtype.
     """
-    acts, pairs_a, pairs_r, only_r, into_r, from_a = [], [], [], [], [], []
+    alone_a, pairs_a, pairs_r, only_r, into_r, from_a = [], [], [], [], [], []
     for p, a, r in zip(params, g_act, g_ret):
         if a is not None and a.dtype != p.dtype:
             if r is None:
@@ -98,19 +131,31 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
             from_a.append(local(a))
             p.grad = r
             continue
-        if a is not None:
-            acts.append(local(a))
-            if r is not None:
-                pairs_a.append(local(a))
-                pairs_r.append(local(r))
+        if a is not None and r is not None:
+            pairs_a.append(local(a))
+            pairs_r.append(local(r))
+        elif a is not None:
+            alone_a.append(local(a))
         elif r is not None:
             only_r.append(local(r))
         p.grad = a if a is not None else r
-    if acts and scale != 1.0:
-        torch._foreach_mul_(acts, scale)
-    if pairs_a and ret_coef != 0.0:
-        torch._foreach_add_(pairs_a, pairs_r, alpha=ret_coef * scale)
+    if alone_a and scale != 1.0:
+        torch._foreach_mul_(alone_a, scale)
+    if pairs_a:
+        _axpby_(pairs_a, pairs_r, scale, ret_coef * scale)
     if only_r or into_r:
         torch._foreach_mul_(only_r + into_r, ret_coef * scale)
     if into_r:
         torch._foreach_add_(into_r, from_a, alpha=scale)
+
+
+def _axpby_(a: List[torch.Tensor], r: List[torch.Tensor], s: float, k: float) -> None:
+    """a <- s a + k r: one fused pass on CUDA, else up to two multi-tensor passes."""
+    fused = _fused_for(a + r) if k != 0.0 else None
+    if fused is not None:
+        fused.axpby_(a, r, s, k)
+        return
+    if s != 1.0:
+        torch._foreach_mul_(a, s)
+    if k != 0.0:
+        torch._foreach_add_(a, r, alpha=k)

@@ -1,6 +1,12 @@
 """Shared fixtures: one small set of demo assets for every test that launches the trainer."""
 
+import os
+
 import pytest
+import torch
+
+if not torch.cuda.is_available():  # set before anything imports Triton: its kernels then run in its interpreter
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 from prismatic.demo import DemoAssetsConfig, make_demo_assets
 

@@ -198,13 +198,17 @@ def test_gradient_checkpointing_gives_same_loss_and_grads(batch):
     plain = OpenVLA.from_config(preset_config("tiny")).train()
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable()
-    assert ckpt.language_model.model.layers[0].gradient_checkpointing
-    assert ckpt.vision_backbone.featurizer.grad_checkpointing
+    calls = []  # inner modules start again in the backward: the forward is recomputed there
+    for unit in (ckpt.language_model.model.layers[0].mlp, ckpt.vision_backbone.featurizer.blocks[0].mlp,
+                 ckpt.vision_backbone.fused_featurizer.blocks[0].mlp):
+        unit.register_forward_pre_hook(lambda module, args: calls.append(module))
     losses = []
     for vla in (plain, ckpt):
         loss = vla(*batch).loss
+        n_forward = len(calls)
         loss.backward()
         losses.append(loss)
+    assert n_forward == 3 and len(calls) == 6
     torch.testing.assert_close(losses[0], losses[1])
     torch.testing.assert_close(plain.projector.fc1.weight.grad, ckpt.projector.fc1.weight.grad)
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from launch import error_line, run_script, user_flags
+from launch import run_script, user_flags
 
 from craft.one_pass import RowGroupSplit
 from craft.retention import pool_hidden, retention_loss
@@ -55,10 +55,13 @@ def _grads(params):
     return out
 
 
-@pytest.mark.parametrize("lora", [False, True])
-def test_one_pass_gradients_equal_two_pass(lora):
+@pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True), (True, True)])
+def test_one_pass_gradients_equal_two_pass(lora, checkpointing):
     model = _model(lora)
     params = [p for p in model.parameters() if p.requires_grad]
+    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters()))
+    if checkpointing:  # the forward is recomputed inside the backward, where the split must be active again
+        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
     act, anc = _batches()
     model(act["pixel_values"], act["input_ids"], act["attention_mask"], labels=act["labels"]).loss.backward()
     ref_act = _grads(params)
@@ -66,7 +69,6 @@ def test_one_pass_gradients_equal_two_pass(lora):
     _ret_loss(model, hidden, anc).backward()
     ref_ret = _grads(params)
 
-    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters()))
     joint = joint_batch(act, anc, pad_token_id=32000)
     with split.rows(B, B + A):
         out = model(joint["pixel_values"], joint["input_ids"], joint["attention_mask"], labels=joint["labels"],
@@ -86,8 +88,9 @@ def test_one_pass_gradients_equal_two_pass(lora):
     assert checked > len(params)  # both gradients were compared on many tensors
 
 
-def test_one_pass_run_matches_two_pass_run(demo, tmp_path):
-    common = {"vla.max_steps": 3, "vla.per_device_batch_size": 4, "vla.enable_gradient_checkpointing": "false",
+@pytest.mark.parametrize("checkpointing", ["true", "false"])
+def test_one_pass_run_matches_two_pass_run(demo, tmp_path, checkpointing):
+    common = {"vla.max_steps": 3, "vla.per_device_batch_size": 4, "vla.enable_gradient_checkpointing": checkpointing,
               "save_interval": 100}
     rows = {}
     for impl in ("two_pass", "one_pass"):
@@ -98,8 +101,3 @@ def test_one_pass_run_matches_two_pass_run(demo, tmp_path):
         assert a["projection"] == b["projection"]
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "grad_norm"):
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
-
-
-def test_one_pass_refuses_activation_checkpointing(demo, tmp_path):
-    message = error_line(run_script(user_flags(demo, tmp_path, **{"craft.step_impl": "one_pass"})))
-    assert "--craft.step_impl one_pass" in message and "--vla.enable_gradient_checkpointing false" in message

@@ -6,11 +6,14 @@ get 256 entries (True / IGNORE_INDEX) at the same place, so callers work in text
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
 from prismatic.models.config import VLAModelConfig
@@ -60,14 +63,17 @@ class OpenVLA(nn.Module):
         """Where the projected patches sit in the multimodal sequence."""
         return slice(1, 1 + self.num_image_tokens)
 
-    def gradient_checkpointing_enable(self) -> None:
-        """Recompute activations in the backward pass, in the LLM's decoder layers and the ViT blocks."""
-        llm = self.language_model
-        # transformers 5.2x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack the new name.
-        enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
-        enable({"use_reentrant": False})
-        self.vision_backbone.featurizer.set_grad_checkpointing(True)
-        self.vision_backbone.fused_featurizer.set_grad_checkpointing(True)
+    def gradient_checkpointing_enable(self, context_fn: Callable | None = None) -> None:
+        """Recompute activations in the backward pass, per LLM decoder layer and per ViT block.
+
+        Each unit's `forward` is wrapped in non-reentrant `torch.utils.checkpoint` (weights and state-dict
+        names untouched, FSDP hooks stay outside). `context_fn` is checkpoint's: it lets a caller's own
+        context (the one-pass row split) be active again while the forward is recomputed in the backward.
+        """
+        kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn is not None else {})}
+        vision = self.vision_backbone
+        for unit in (*self.language_model.model.layers, *vision.featurizer.blocks, *vision.fused_featurizer.blocks):
+            unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), **kwargs)
 
     def embed_multimodal(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None

@@ -128,6 +128,8 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
 
     one_pass = constraint is not None and cfg.craft.step_impl == "one_pass"
     split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters())) if one_pass else None
+    if one_pass and cfg.vla.enable_gradient_checkpointing:  # the recomputed forward must be split too
+        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
 
     dry_run = cfg.dry_run_batches > 0
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps

@@ -1,0 +1,89 @@
+"""The fused surgery kernels against float64 references.
+
+Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors (same kernel code, same
+program table); with one they are compiled and run on CUDA tensors, and the dispatch in
+craft.surgery is checked against the torch path too.
+"""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+CUDA = torch.cuda.is_available()
+if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":  # conftest.py sets it before Triton is imported
+    pytest.skip("no CUDA and Triton's interpreter is off", allow_module_level=True)
+fused = pytest.importorskip("craft.fused_surgery")
+
+from craft.surgery import Surgery, combine_into_grads, grad_products  # noqa: E402
+
+DEVICE = "cuda" if CUDA else "cpu"
+# Sizes around the per-program chunk, so that programs straddle tensor ends; one tiny, one empty.
+SIZES = [fused.CHUNK + 1, 7, 2 * fused.CHUNK, fused.CHUNK - 3, 0, 3 * fused.CHUNK + 517]
+
+
+def _tensors(seed, dtypes):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(n, generator=g).to(dtype).to(DEVICE) for n, dtype in zip(SIZES, dtypes)]
+
+
+def _f64(ts):
+    return np.concatenate([t.double().cpu().numpy() for t in ts])
+
+
+@pytest.mark.parametrize("a_dtype,r_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                             (torch.bfloat16, torch.float32)])
+def test_products_match_float64(a_dtype, r_dtype):
+    a = _tensors(0, [a_dtype] * len(SIZES))
+    r = _tensors(1, [r_dtype] * len(SIZES))
+    r[2] = (r[2].float() - 0.5 * a[2].float()).to(r_dtype)  # some correlation, so the dot is not ~0
+    x, y = _f64(a), _f64(r)
+    dot, aa, rr = fused.products(a, r).tolist()
+    assert abs(dot - x @ y) <= 1e-6 * np.linalg.norm(x) * np.linalg.norm(y)
+    assert aa == pytest.approx(x @ x, rel=1e-6)
+    assert rr == pytest.approx(y @ y, rel=1e-6)
+
+
+def test_products_mix_dtype_pairs_in_one_call():
+    a = _tensors(2, [torch.float32, torch.bfloat16] * 3)
+    r = _tensors(3, [torch.float32, torch.bfloat16] * 3)
+    x, y = _f64(a), _f64(r)
+    dot, aa, rr = fused.products(a, r).tolist()
+    assert abs(dot - x @ y) <= 1e-6 * np.linalg.norm(x) * np.linalg.norm(y)
+    assert (aa, rr) == (pytest.approx(x @ x, rel=1e-6), pytest.approx(y @ y, rel=1e-6))
+
+
+# One rounding of the float32 result to the storage dtype: half an ulp on a GPU; Triton's interpreter
+# converts float32 to bf16 by truncation (up to one ulp, 2^-7 relative).
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-6), (torch.bfloat16, 2 ** -7)])
+def test_axpby_in_place_matches_float64(dtype, rtol):
+    a = _tensors(4, [dtype] * len(SIZES))
+    r = _tensors(5, [dtype] * len(SIZES))
+    x, y = _f64(a), _f64(r)
+    kept = [t.data_ptr() for t in a]
+    fused.axpby_(a, r, 0.25, -1.5)
+    assert [t.data_ptr() for t in a] == kept and all(t.dtype == dtype for t in a)
+    np.testing.assert_allclose(_f64(a), 0.25 * x - 1.5 * y, rtol=rtol, atol=rtol)  # atol: cancellation
+    np.testing.assert_array_equal(_f64(r), y)  # r is only read
+
+
+@pytest.mark.skipif(not CUDA, reason="the dispatch to the kernels happens for CUDA tensors only")
+def test_cuda_surgery_matches_torch_path_on_cpu():
+    shapes = [(4096, 1000), (4096,), (300, 77), (11,)]
+    g = torch.Generator().manual_seed(6)
+    act = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    ret = [torch.randn(s, generator=g).bfloat16() for s in shapes]
+    act[3], ret[1] = None, None
+    results = {}
+    for device in ("cpu", "cuda"):
+        params = [torch.zeros(s, dtype=torch.bfloat16, device=device, requires_grad=True) for s in shapes]
+        a = [None if t is None else t.to(device) for t in act]
+        r = [None if t is None else t.to(device) for t in ret]
+        dot, act_sq, ret_sq = grad_products(a, r).tolist()
+        decided = Surgery.decide(dot, act_sq, ret_sq, lam=0.3)
+        combine_into_grads(params, a, r, decided.ret_coef, scale=0.5)
+        results[device] = ((dot, act_sq, ret_sq), [p.grad.float().cpu() for p in params])
+    np.testing.assert_allclose(results["cuda"][0], results["cpu"][0], rtol=1e-4)
+    for got, want in zip(results["cuda"][1], results["cpu"][1]):
+        torch.testing.assert_close(got, want, rtol=2 ** -7, atol=1e-3)
