@@ -78,8 +78,8 @@ def test_cuda_surgery_matches_torch_path_on_cpu():
     results = {}
     for device in ("cpu", "cuda"):
         params = [torch.zeros(s, dtype=torch.bfloat16, device=device, requires_grad=True) for s in shapes]
-        a = [None if t is None else t.to(device) for t in act]
-        r = [None if t is None else t.to(device) for t in ret]
+        a = [None if t is None else t.to(device, copy=True) for t in act]  # combine works in place
+        r = [None if t is None else t.to(device, copy=True) for t in ret]
         dot, act_sq, ret_sq = grad_products(a, r).tolist()
         decided = Surgery.decide(dot, act_sq, ret_sq, lam=0.3)
         combine_into_grads(params, a, r, decided.ret_coef, scale=0.5)

@@ -1,5 +1,6 @@
 """Model side: presets, fused vision features, multimodal sequence, loss, hidden states, processor, tokenizer."""
 
+import contextlib
 import copy
 import importlib.util
 
@@ -193,11 +194,18 @@ def test_sequence_layout_and_hidden_states(model, batch):
             model.hidden_states(pixel_values, input_ids, attention_mask, layer=bad)
 
 
-def test_gradient_checkpointing_gives_same_loss_and_grads(batch):
+@pytest.mark.parametrize("context_fn", [None, lambda: (contextlib.nullcontext(), contextlib.nullcontext())])
+def test_gradient_checkpointing_gives_same_loss_and_grads(batch, context_fn):
     torch.manual_seed(0)
     plain = OpenVLA.from_config(preset_config("tiny")).train()
     ckpt = copy.deepcopy(plain)
     ckpt.gradient_checkpointing_enable()
+    if context_fn is not None:  # switching to the wrapped units must not checkpoint twice
+        ckpt.gradient_checkpointing_enable(context_fn=context_fn)
+    builtin = [ckpt.language_model.model.layers[0].gradient_checkpointing,
+               ckpt.vision_backbone.featurizer.grad_checkpointing,
+               ckpt.vision_backbone.fused_featurizer.grad_checkpointing]
+    assert builtin == [context_fn is None] * 3
     calls = []  # inner modules start again in the backward: the forward is recomputed there
     for unit in (ckpt.language_model.model.layers[0].mlp, ckpt.vision_backbone.featurizer.blocks[0].mlp,
                  ckpt.vision_backbone.fused_featurizer.blocks[0].mlp):

@@ -66,14 +66,29 @@ class OpenVLA(nn.Module):
     def gradient_checkpointing_enable(self, context_fn: Callable | None = None) -> None:
         """Recompute activations in the backward pass, per LLM decoder layer and per ViT block.
 
-        Each unit's `forward` is wrapped in non-reentrant `torch.utils.checkpoint` (weights and state-dict
-        names untouched, FSDP hooks stay outside). `context_fn` is checkpoint's: it lets a caller's own
-        context (the one-pass row split) be active again while the forward is recomputed in the backward.
+        Without `context_fn`: transformers' and timm's own (non-reentrant) checkpointing. With one
+        (torch.utils.checkpoint's, to re-enter a caller's context such as the one-pass row split while the
+        forward is recomputed in the backward): each unit's `forward` wrapped in non-reentrant
+        `torch.utils.checkpoint`, weights and state-dict names untouched, FSDP hooks outside.
         """
-        kwargs = {"use_reentrant": False, **({"context_fn": context_fn} if context_fn is not None else {})}
-        vision = self.vision_backbone
-        for unit in (*self.language_model.model.layers, *vision.featurizer.blocks, *vision.fused_featurizer.blocks):
-            unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), **kwargs)
+        llm, vision = self.language_model, self.vision_backbone
+        units = (*llm.model.layers, *vision.featurizer.blocks, *vision.fused_featurizer.blocks)
+        for unit in units:
+            unit.__dict__.pop("forward", None)  # undo an earlier wrapping
+        if context_fn is None:
+            # transformers 5.2x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack it.
+            enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
+            enable({"use_reentrant": False})
+            vision.featurizer.set_grad_checkpointing(True)
+            vision.fused_featurizer.set_grad_checkpointing(True)
+            return
+        disable = getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
+        disable()
+        vision.featurizer.set_grad_checkpointing(False)
+        vision.fused_featurizer.set_grad_checkpointing(False)
+        for unit in units:
+            unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), use_reentrant=False,
+                                             context_fn=context_fn)
 
     def embed_multimodal(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None
