@@ -263,16 +263,15 @@ def _nbytes(tensors) -> int:
 def surgery_traffic(params, g_act, g_ret, ret_coef: float, scale: float, fused: bool) -> int:
     """Bytes read + written by grad_products and combine_into_grads as craft/surgery.py implements them.
 
-    fused (craft.fused_surgery, CUDA): the three products of a pair read both tensors once; the
-    combination of a pair reads both and writes g_act once (a pure rescale when ret_coef is 0 reads and
-    writes g_act). torch path: a float32 pair's dot reads both operands; any other pair is multiplied
-    elementwise (reads both, writes the product at the promoted dtype) and the product is summed (read
-    again); each squared norm (`_foreach_norm`, float32 accumulation) reads its tensor once; the clip
-    factor (when != 1) reads and writes g_act, then g_act += c g_ret reads both and writes g_act.
-    Either way: a gradient only one loss produced has its norm read once, and is rescaled in place
-    (read + write) when its factor is not 1. For a stash in another dtype than the parameter (bf16
-    stash of fp32 gradients) the sum goes into g_ret: g_ret *= c (read + write), g_ret += scale g_act
-    (read both, write g_ret). Scalars and per-tensor partial results are not counted.
+    Products: fused (craft.fused_surgery, CUDA), a pair's three sums read both tensors once; torch path,
+    a float32 pair's dot reads both operands and any other pair is multiplied elementwise (reads both,
+    writes the product at the promoted dtype) and the product summed (read again), and each squared
+    norm (`_foreach_norm`, float32 accumulation) reads its tensor once. A gradient only one loss
+    produced has its norm read once either way. Combination (torch multi-tensor ops): the clip factor
+    (when != 1) reads and writes g_act, then g_act += c g_ret reads both and writes g_act; a gradient
+    only the anchor loss produced is scaled in place (read + write). For a stash in another dtype than
+    the parameter (bf16 stash of fp32 gradients) the sum goes into g_ret: g_ret *= c (read + write),
+    g_ret += scale g_act (read both, write g_ret). Scalars and per-program partial sums are not counted.
     """
     def nb(t):
         return t.numel() * t.element_size()
@@ -288,10 +287,11 @@ def surgery_traffic(params, g_act, g_ret, ret_coef: float, scale: float, fused: 
         if a is not None and a.dtype != p.dtype:  # sum formed in g_ret (a zero g_ret is allocated if missing)
             out = r if r is not None else p
             total += 2 * nb(out) + (2 * nb(out) + nb(a))
-        elif paired and ret_coef != 0.0:
-            total += (2 * nb(a) + nb(r)) + (0 if fused or scale == 1.0 else 2 * nb(a))
-        elif a is not None and scale != 1.0:
+            continue
+        if a is not None and scale != 1.0:
             total += 2 * nb(a)
+        if paired and ret_coef != 0.0:
+            total += 2 * nb(a) + nb(r)
         elif a is None and r is not None:
             total += 2 * nb(r)
     return total

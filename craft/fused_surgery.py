@@ -1,11 +1,12 @@
-"""Gradient surgery in two passes over memory, as Triton kernels (used for CUDA tensors).
+"""CRaFT's three scalars as one Triton kernel (used for CUDA tensors).
 
 `products`: <a, r>, |a|^2 and |r|^2 of every gradient pair from ONE read of both, accumulated in
-float32 whatever their dtype. `axpby_`: a <- s a + k r in ONE pass (read both, write a), so that the
-clipping factor and the retention coefficient cost no extra pass. One launch covers every tensor of a
-dtype pair: a table maps each program to (tensor, offset) and the tensors' addresses travel as an
-int64 array, so the launch cost does not grow with the ~1,000 tensors of a 7B model. Partial sums
-are written per program and summed by torch afterwards: the result is deterministic.
+float32 whatever their dtype (torch needs a product tensor or float32 copies: 3-12x the traffic).
+One launch covers every tensor of a dtype pair: a table maps each program to (tensor, offset) and
+the tensors' addresses travel as an int64 array, so the launch cost does not grow with the ~1,000
+tensors of a 7B model. Partial sums are written per program and summed by torch afterwards: the
+result is deterministic. (The combination stays torch's multi-tensor ops: a fused a <- s a + k r
+kernel of this shape measured slower than `_foreach_mul_` + `_foreach_add_` on an H200.)
 """
 
 import functools
@@ -45,23 +46,6 @@ def _products_kernel(a_ptrs, r_ptrs, numels, prog_tensor, prog_offset, out,
     tl.store(out + 3 * pid + 2, tl.sum(rr, axis=0))
 
 
-@triton.jit
-def _axpby_kernel(a_ptrs, r_ptrs, numels, prog_tensor, prog_offset, s, k,
-                  A_TY: tl.constexpr, R_TY: tl.constexpr, BLOCK: tl.constexpr, ITERS: tl.constexpr):
-    pid = tl.program_id(0)
-    t = tl.load(prog_tensor + pid)
-    start = tl.load(prog_offset + pid)
-    n = tl.load(numels + t)
-    a = tl.load(a_ptrs + t).to(tl.pointer_type(A_TY))
-    r = tl.load(r_ptrs + t).to(tl.pointer_type(R_TY))
-    for i in range(ITERS):
-        offs = start + i * BLOCK + tl.arange(0, BLOCK)
-        mask = offs < n
-        x = tl.load(a + offs, mask=mask, other=0.0).to(tl.float32)
-        y = tl.load(r + offs, mask=mask, other=0.0).to(tl.float32)
-        tl.store(a + offs, (s * x + k * y).to(A_TY), mask=mask)
-
-
 def supports(tensors: Sequence[torch.Tensor]) -> bool:
     return all(t.is_contiguous() and t.dtype in _TL_DTYPES for t in tensors)
 
@@ -99,9 +83,3 @@ def products(a: List[torch.Tensor], r: List[torch.Tensor]) -> torch.Tensor:
         _products_kernel[grid](*tables, partial, **meta)
         total += partial.double().sum(0)
     return total
-
-
-def axpby_(a: List[torch.Tensor], r: List[torch.Tensor], s: float, k: float) -> None:
-    """a_i <- s a_i + k r_i in place, computed in float32 and stored in a_i's dtype."""
-    for grid, tables, meta in _groups(a, r):
-        _axpby_kernel[grid](*tables, float(s), float(k), **meta)

@@ -4,8 +4,8 @@ The action gradient is stashed by moving the `.grad` tensors out of the paramete
 retention backward then allocates fresh `.grad` tensors. That stash is the only extra gradient-sized
 memory CRaFT needs. A parameter that got no gradient from one loss counts as zero for that loss.
 Sharded (DTensor) gradients are handled through their local shards: every sum here is a local
-partial sum that the caller all-reduces once. On CUDA the pairwise work runs as two fused passes
-(craft.fused_surgery); elsewhere, or without Triton, as torch multi-tensor operations.
+partial sum that the caller all-reduces once. On CUDA the three products come from one fused read of
+both gradients (craft.fused_surgery); elsewhere, or without Triton, from torch operations.
 """
 
 import functools
@@ -139,23 +139,11 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
         elif r is not None:
             only_r.append(local(r))
         p.grad = a if a is not None else r
-    if alone_a and scale != 1.0:
-        torch._foreach_mul_(alone_a, scale)
-    if pairs_a:
-        _axpby_(pairs_a, pairs_r, scale, ret_coef * scale)
+    if (alone_a or pairs_a) and scale != 1.0:
+        torch._foreach_mul_(alone_a + pairs_a, scale)
+    if pairs_a and ret_coef != 0.0:
+        torch._foreach_add_(pairs_a, pairs_r, alpha=ret_coef * scale)
     if only_r or into_r:
         torch._foreach_mul_(only_r + into_r, ret_coef * scale)
     if into_r:
         torch._foreach_add_(into_r, from_a, alpha=scale)
-
-
-def _axpby_(a: List[torch.Tensor], r: List[torch.Tensor], s: float, k: float) -> None:
-    """a <- s a + k r: one fused pass on CUDA, else up to two multi-tensor passes."""
-    fused = _fused_for(a + r) if k != 0.0 else None
-    if fused is not None:
-        fused.axpby_(a, r, s, k)
-        return
-    if s != 1.0:
-        torch._foreach_mul_(a, s)
-    if k != 0.0:
-        torch._foreach_add_(a, r, alpha=k)
