@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, base_record, cpu_description, ru_maxrss_bytes, write_json  # noqa: E402
+from common import PeakRSS, base_record, cpu_description, ru_maxrss_bytes, run_cli  # noqa: E402
 
 import prismatic  # noqa: E402,F401
 import numpy as np  # noqa: E402
@@ -139,11 +139,7 @@ def summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    record = run(args)
-    write_json(args.out, record)
-    print(summary(record), flush=True)
-    return record
+    return run_cli(parse_args, run, summary, argv)
 
 
 if __name__ == "__main__":

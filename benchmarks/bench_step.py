@@ -53,7 +53,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import PeakRSS, base_record, cpu_description, median, release_host_memory, write_json  # noqa: E402
+from common import PeakRSS, base_record, cpu_description, median, release_host_memory, run_cli  # noqa: E402
 
 import prismatic  # noqa: E402,F401  (before timm: installs the torchvision import guard)
 import numpy as np  # noqa: E402
@@ -68,15 +68,8 @@ from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokeni
 from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
 from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
+from prismatic.vla.libero_tasks import INSTRUCTIONS  # noqa: E402
 
-INSTRUCTIONS = (
-    "put the black bowl on the plate",
-    "open the top drawer of the cabinet",
-    "pick up the alphabet soup and place it in the basket",
-    "turn on the stove",
-    "put the wine bottle on top of the cabinet",
-    "push the plate to the front of the stove",
-)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HIDDEN_LAYER, POOLING, LOSS_TYPE = -2, "mean_image_tokens", "mse"
 MAX_GRAD_NORM = 1.0
@@ -533,11 +526,7 @@ def summary(r: dict) -> str:
 
 
 def main(argv=None) -> dict:
-    args = parse_args(argv)
-    record = run(args)
-    write_json(args.out, record)
-    print(summary(record), flush=True)
-    return record
+    return run_cli(parse_args, run, summary, argv)
 
 
 if __name__ == "__main__":

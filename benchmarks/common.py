@@ -73,6 +73,15 @@ def base_record(**fields: Any) -> Dict[str, Any]:
     return record
 
 
+def run_cli(parse_args, run, summary, argv=None) -> Dict[str, Any]:
+    """A benchmark's main: parse, measure, write the JSON (if --out), print the one-line summary."""
+    args = parse_args(argv)
+    record = run(args)
+    write_json(args.out, record)
+    print(summary(record), flush=True)
+    return record
+
+
 def median(xs: List[float]) -> float:
     return float(statistics.median(xs))
 

@@ -7,6 +7,7 @@ import draccus
 
 TRAIN_STAGES = ("vla-full-train", "vla-train", "vla-sandwich-train", "vla-last-layer-train")
 LR_SCHEDULES = ("constant", "linear-warmup+cosine-decay")
+QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 @dataclass
@@ -37,6 +38,8 @@ class VLAConfig(draccus.ChoiceRegistry):
     lora_dropout: float = 0.0
     lora_target_modules: str = "all-linear"  # or comma-separated Linear name suffixes, e.g. "q_proj,v_proj"
     merge_on_save: bool = True  # also write base+adapters merged, in the plain OpenVLA layout, at each save
+    # With LoRA in one process: "8bit" or "4bit" (NF4) frozen base Linear layers via bitsandbytes.
+    base_quantization: str = "none"
 
     @classmethod
     def default_choice_name(cls) -> str:
@@ -80,6 +83,7 @@ class VLAConfig(draccus.ChoiceRegistry):
         if self.use_lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
             raise ValueError(f"--vla.lora_rank must be >= 1 and --vla.lora_dropout in [0, 1); found "
                              f"{self.lora_rank}, {self.lora_dropout}")
+        self._validate_quantization(world_size)
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError(f"--vla.warmup_ratio must be in [0, 1); found {self.warmup_ratio}")
         if self.expected_world_size is not None and self.expected_world_size != world_size:
@@ -87,6 +91,20 @@ class VLAConfig(draccus.ChoiceRegistry):
                 f"--vla.expected_world_size is {self.expected_world_size} but torchrun started {world_size} processes"
             )
         self.grad_accumulation_steps(world_size)
+
+
+    def _validate_quantization(self, world_size: int) -> None:
+        q = self.base_quantization
+        if q not in QUANTIZATIONS:
+            raise ValueError(f"--vla.base_quantization must be one of {list(QUANTIZATIONS)}; found {q!r}")
+        if q == "none":
+            return
+        for wrong, needed in ((not self.use_lora, "--vla.use_lora true (only a frozen base is quantized)"),
+                              (world_size > 1, f"one process (found {world_size}; shard a bf16 base instead)"),
+                              (self.merge_on_save, "--vla.merge_on_save false (a merge into the quantized base "
+                                                   "would carry its rounding into the export)")):
+            if wrong:
+                raise ValueError(f"--vla.base_quantization {q} needs {needed}")
 
 
 @VLAConfig.register_subclass("openvla-7b+libero")

@@ -16,6 +16,7 @@ import torch
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
 from prismatic.conf.train import TRACKERS, TrainConfig
 from prismatic.models.config import VLAModelConfig
+from prismatic.models.quantize import bitsandbytes_available
 from prismatic.training.checkpointing import resolve_resume
 from prismatic.training.distributed import SHARDING_STRATEGIES, DistEnv, dist_env_from_environ
 from prismatic.vla.datasets import check_data_root, resolve_mixture
@@ -61,6 +62,9 @@ def _preflight(cfg: TrainConfig) -> Plan:
     world_size = env.world_size
     cfg.vla.validate(world_size)
     cfg.craft.validate()
+    if cfg.vla.base_quantization != "none" and not bitsandbytes_available():
+        raise ValueError(f"--vla.base_quantization {cfg.vla.base_quantization} needs the bitsandbytes package, "
+                         "which is not installed (pip install bitsandbytes), or --vla.base_quantization none")
     notes = []
     mixture = resolve_mixture(cfg.vla.data_mix)
     if not cfg.vla.data_mix.startswith("libero"):

@@ -28,6 +28,7 @@ from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
 from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
 from prismatic.training.batches import ActionBatches, anchor_inputs, joint_batch, to_device
 from prismatic.models.lora import add_lora, lora_targets
+from prismatic.models.quantize import quantize_base
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
 from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
 from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink, action_metrics
@@ -203,6 +204,8 @@ def _build_model(cfg: TrainConfig, plan: Plan):
     base_dtype = torch.bfloat16 if vla.use_lora and vla.enable_mixed_precision_training and not env.distributed \
         else torch.float32
     model, tokenizer, config = load_pretrained(source, dtype=base_dtype, device=plan.device)
+    if vla.base_quantization != "none":
+        quantize_base(model, vla.base_quantization, getattr(torch, vla.compute_dtype))
     if vla.use_lora:
         model = add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
                          lora_targets(model, vla.lora_target_modules))

@@ -15,17 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from prismatic.vla.datasets.libero_schema import write_libero_rlds
-
-INSTRUCTIONS = (
-    "put the black bowl on the plate",
-    "open the top drawer of the cabinet",
-    "pick up the alphabet soup and place it in the basket",
-    "turn on the stove",
-    "put the wine bottle on top of the cabinet",
-    "push the plate to the front of the stove",
-    "put the cream cheese in the bowl",
-    "stack the black bowl on the other black bowl",
-)
+from prismatic.vla.libero_tasks import INSTRUCTIONS
 
 
 def _instruction(task: int) -> str:

@@ -1,0 +1,90 @@
+"""LoRA over an 8-bit / 4-bit frozen base (bitsandbytes): what is quantized, how close it stays, a run."""
+
+import json
+
+import pytest
+import torch
+from launch import run_script, user_flags
+import torch.nn.functional as F
+from torch import nn
+
+from prismatic.conf.train import TrainConfig
+from prismatic.models import OpenVLA, preset_config
+from prismatic.training import preflight as preflight_module
+from prismatic.training.preflight import PreflightError, preflight
+
+LORA = {"vla.use_lora": "true", "vla.lora_rank": 4, "vla.merge_on_save": "false"}
+
+
+def _cfg(demo, tmp_path, **changes):
+    cfg = TrainConfig(pretrained_checkpoint=demo / "model", data_root_dir=demo / "rlds", run_root_dir=tmp_path,
+                      run_id="run")
+    cfg.craft.anchor_cache_dir = demo / "anchor_cache"
+    cfg.vla.use_lora, cfg.vla.merge_on_save, cfg.vla.base_quantization = True, False, "4bit"
+    for key, value in changes.items():
+        setattr(cfg.vla, key, value)
+    return cfg
+
+
+@pytest.mark.parametrize("changes,fragment", [
+    ({"use_lora": False}, "--vla.use_lora true"),
+    ({"merge_on_save": True}, "--vla.merge_on_save false"),
+    ({"base_quantization": "2bit"}, "--vla.base_quantization must be one of"),
+])
+def test_bad_quantization_flags(demo, tmp_path, changes, fragment):
+    with pytest.raises(PreflightError, match=fragment):
+        preflight(_cfg(demo, tmp_path, **changes))
+
+
+def test_missing_bitsandbytes_is_one_clear_error(demo, tmp_path, monkeypatch):
+    monkeypatch.setattr(preflight_module, "bitsandbytes_available", lambda: False)
+    with pytest.raises(PreflightError, match="needs the bitsandbytes package, which is not installed"):
+        preflight(_cfg(demo, tmp_path))
+    assert not (tmp_path / "run").exists()
+
+
+def test_quantization_refuses_several_processes(demo, tmp_path, monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    with pytest.raises(PreflightError, match="--vla.base_quantization 4bit needs one process \\(found 2"):
+        preflight(_cfg(demo, tmp_path, global_batch_size=16))
+
+
+bnb_functional = pytest.importorskip("bitsandbytes.functional")
+from prismatic.models.quantize import quantize_base  # noqa: E402
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_every_base_linear_but_projector_and_head_is_quantized(kind):
+    torch.manual_seed(0)
+    model = OpenVLA.from_config(preset_config("tiny")).eval()
+    originals = {n: m for n, m in model.named_modules() if type(m) is nn.Linear}
+    count = quantize_base(model, kind, torch.float32)
+    kept = {n for n, m in model.named_modules() if type(m) is nn.Linear}
+    assert kept == {n for n in originals if n.endswith("lm_head") or n.startswith("projector")}
+    assert count == len(originals) - len(kept) > 0
+    for name, linear in originals.items():
+        if name in kept:
+            continue
+        layer = model.get_submodule(name)
+        x = torch.randn(3, linear.in_features)
+        want, got = linear(x), layer(x).float()
+        if kind == "8bit":  # int8 absmax rounding: ~1 % of the output's scale, never exact
+            assert 0 < (got - want).norm() <= 0.02 * want.norm(), name
+        else:  # the layer computes with the NF4 weight it holds, and the original bias
+            w = bnb_functional.dequantize_4bit(layer.weight.data, layer.weight.quant_state).float()
+            torch.testing.assert_close(got, F.linear(x, w, linear.bias), rtol=1e-3, atol=1e-4)
+            assert not torch.equal(w, linear.weight.float())
+
+
+@pytest.mark.parametrize("kind", ["8bit", "4bit"])
+def test_lora_craft_trains_over_a_quantized_base(demo, tmp_path, kind):
+    flags = user_flags(demo, tmp_path, **LORA, **{"vla.base_quantization": kind, "vla.max_steps": 3,
+                                                  "vla.per_device_batch_size": 4, "save_interval": 3})
+    res = run_script(flags)
+    assert res.returncode == 0, res.stderr[-3000:]
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and not any(r["skipped"] for r in rows)
+    assert all(r["grad_norm"] > 0 and r["L_ret"] >= 0 for r in rows)
+    saved = tmp_path / "run" / "checkpoints" / "step-000003"
+    assert (saved / "adapter_model.safetensors").exists()
