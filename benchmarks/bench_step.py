@@ -103,6 +103,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--autocast", choices=("none", "bfloat16"), default="none",
                    help="bfloat16: run forward passes under torch.autocast (the trainer's mixed precision)")
     p.add_argument("--grad_checkpointing", type=str2bool, default=False)
+    p.add_argument("--anchor_checkpointing", type=str2bool, default=False,
+                   help="with --grad_checkpointing: recompute the anchor pass too (craft's --craft.anchor_checkpointing)")
     p.add_argument("--with_optimizer", action="store_true", help="include an AdamW update in both steps")
     p.add_argument("--step_impl", choices=("two_pass", "one_pass"), default="two_pass",
                    help="the CRaFT step timed: craft_step (two_pass) or craft_step_one_pass")
@@ -363,9 +365,11 @@ def run(args: argparse.Namespace) -> dict:
                              labels=batch["labels"]).loss
         return fn
 
+    pause = model.activation_checkpointing_paused if not args.anchor_checkpointing else nullcontext
+
     def anchor_loss(batch):
         def fn():
-            with autocast:
+            with autocast, pause():
                 hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                              layer=HIDDEN_LAYER)
             features = pool_hidden(hidden, POOLING, model.image_token_slice, batch["attention_mask"])
@@ -464,6 +468,7 @@ def run(args: argparse.Namespace) -> dict:
         dtype=str(dtype).removeprefix("torch."),
         autocast=args.autocast,
         grad_checkpointing=args.grad_checkpointing,
+        anchor_checkpointing=args.anchor_checkpointing,
         with_optimizer=args.with_optimizer,
         step_impl=args.step_impl,
         lora_rank=args.lora_rank,

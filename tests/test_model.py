@@ -306,3 +306,22 @@ def test_sentencepiece_only_tokenizer_needs_sentencepiece(tmp_path):
     (tmp_path / "tokenizer.model").write_bytes(b"stand-in")
     with pytest.raises(ImportError, match="tokenizer.model but no tokenizer.json: install sentencepiece"):
         load_tokenizer(tmp_path)
+
+
+def test_paused_checkpointing_keeps_activations_and_restores(batch):
+    torch.manual_seed(0)
+    plain = OpenVLA.from_config(preset_config("tiny")).train()
+    ckpt = copy.deepcopy(plain)
+    ckpt.gradient_checkpointing_enable()
+    starts = []
+    ckpt.language_model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: starts.append(1))
+    with ckpt.activation_checkpointing_paused():
+        loss = ckpt(*batch).loss
+    loss.backward()
+    assert len(starts) == 1  # no recomputation in the backward
+    plain(*batch).loss.backward()
+    torch.testing.assert_close(plain.projector.fc1.weight.grad, ckpt.projector.fc1.weight.grad)
+    assert ckpt.language_model.model.layers[0].gradient_checkpointing
+    assert ckpt.vision_backbone.featurizer.grad_checkpointing and ckpt.vision_backbone.fused_featurizer.grad_checkpointing
+    ckpt(*batch).loss.backward()
+    assert len(starts) == 3  # checkpointing is back: forward and recomputation

@@ -7,6 +7,7 @@ get 256 entries (True / IGNORE_INDEX) at the same place, so callers work in text
 from __future__ import annotations
 
 import functools
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Callable
 
@@ -89,6 +90,21 @@ class OpenVLA(nn.Module):
         for unit in units:
             unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), use_reentrant=False,
                                              context_fn=context_fn)
+
+    @contextmanager
+    def activation_checkpointing_paused(self):
+        """Forward passes inside keep their activations: a small batch's backward without recomputation."""
+        vision = self.vision_backbone
+        flags = [(m, "gradient_checkpointing") for m in self.language_model.modules()
+                 if getattr(m, "gradient_checkpointing", False) is True]
+        flags += [(v, "grad_checkpointing") for v in (vision.featurizer, vision.fused_featurizer) if v.grad_checkpointing]
+        for module, attr in flags:
+            setattr(module, attr, False)
+        try:
+            yield
+        finally:
+            for module, attr in flags:
+                setattr(module, attr, True)
 
     def embed_multimodal(
         self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None

@@ -106,9 +106,11 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
         features = pool_hidden(hidden, cfg.craft.pooling, model.image_token_slice, batch["attention_mask"])
         return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
 
+    pause = model.activation_checkpointing_paused if not cfg.craft.anchor_checkpointing else nullcontext
+
     def retention_loss_fn(batch):
         def fn():
-            with autocast:
+            with autocast, pause():
                 hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
                                              layer=cfg.craft.hidden_layer)
             return retention_from_hidden(hidden, batch)
