@@ -78,13 +78,18 @@ def test_every_base_linear_but_projector_and_head_is_quantized(kind):
 
 
 @pytest.mark.parametrize("kind", ["8bit", "4bit"])
-def test_lora_craft_trains_over_a_quantized_base(demo, tmp_path, kind):
-    flags = user_flags(demo, tmp_path, **LORA, **{"vla.base_quantization": kind, "vla.max_steps": 3,
-                                                  "vla.per_device_batch_size": 4, "save_interval": 3})
-    res = run_script(flags)
-    assert res.returncode == 0, res.stderr[-3000:]
-    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 3 and not any(r["skipped"] for r in rows)
-    assert all(r["grad_norm"] > 0 and r["L_ret"] >= 0 for r in rows)
-    saved = tmp_path / "run" / "checkpoints" / "step-000003"
-    assert (saved / "adapter_model.safetensors").exists()
+def test_lora_craft_over_a_quantized_base_trains_and_resumes_exactly(demo, tmp_path, kind):
+    common = {**LORA, "vla.base_quantization": kind, "vla.per_device_batch_size": 4, "save_interval": 3}
+    runs = [("ref", {"vla.max_steps": 5}), ("cut", {"vla.max_steps": 3}),
+            ("cut", {"vla.max_steps": 5, "resume_from": "latest"})]
+    for run_id, flags in runs:
+        res = run_script(user_flags(demo, tmp_path, **{**common, **flags, "run_id": run_id}))
+        assert res.returncode == 0, res.stderr[-3000:]
+    ref, cut = ([json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+                for run in ("ref", "cut"))
+    assert [r["step"] for r in cut] == [1, 2, 3, 4, 5] and not any(r["skipped"] for r in ref)
+    assert all(r["grad_norm"] > 0 for r in ref)
+    for a, b in zip(ref, cut):
+        for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "projection", "grad_norm"):
+            assert a[key] == b[key], (a["step"], key)
+    assert (tmp_path / "ref" / "checkpoints" / "step-000005" / "adapter_model.safetensors").exists()
