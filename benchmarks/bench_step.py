@@ -30,8 +30,8 @@ lambda is held at 1 (lambda_lr 0) so combine_into_grads always does its add: wit
 would skip the add, and the step would be timed without it.
 
 surgery_bytes: bytes read + written by grad_products and combine_into_grads, counted tensor by tensor from
-their sizes and dtypes as craft/surgery.py implements them (fused kernels on CUDA, torch multi-tensor
-operations elsewhere; see surgery_traffic(): scalars are not counted); surgery_bandwidth_gbps =
+their sizes and dtypes as craft/surgery.py implements them (fused products on CUDA, torch multi-tensor
+operations otherwise; see surgery_traffic(): scalars are not counted); surgery_bandwidth_gbps =
 surgery_bytes / t_surgery_s / 1e9. surgery_bytes_floor is the least traffic the same result needs (one
 read of both gradients for the three products, one read-both/write-g_act pass for the clipped combination);
 surgery_floor_equiv_gbps = surgery_bytes_floor / t_surgery_s / 1e9. grad_buffer_bytes is one action
@@ -63,7 +63,7 @@ import transformers  # noqa: E402
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint  # noqa: E402
 from craft.retention import pool_hidden, retention_loss  # noqa: E402
 from craft.step import baseline_step, craft_step  # noqa: E402
-from craft.surgery import Surgery, fused_kernels, clip_scale, combine_into_grads, grad_products  # noqa: E402
+from craft.surgery import Surgery, clip_scale, combine_into_grads, fused_kernels, grad_products  # noqa: E402
 from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
 from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402

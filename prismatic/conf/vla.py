@@ -92,7 +92,6 @@ class VLAConfig(draccus.ChoiceRegistry):
             )
         self.grad_accumulation_steps(world_size)
 
-
     def _validate_quantization(self, world_size: int) -> None:
         q = self.base_quantization
         if q not in QUANTIZATIONS:

@@ -76,20 +76,24 @@ class OpenVLA(nn.Module):
         units = (*llm.model.layers, *vision.featurizer.blocks, *vision.fused_featurizer.blocks)
         for unit in units:
             unit.__dict__.pop("forward", None)  # undo an earlier wrapping
-        if context_fn is None:
-            # transformers 5.2x renamed gradient_checkpointing_enable (now a deprecated alias); older 5.x lack it.
+        self._builtin_checkpointing(context_fn is None)
+        if context_fn is not None:
+            for unit in units:
+                unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), use_reentrant=False,
+                                                 context_fn=context_fn)
+
+    def _builtin_checkpointing(self, on: bool) -> None:
+        llm, vision = self.language_model, self.vision_backbone
+        # transformers 5.2x renamed gradient_checkpointing_{enable,disable} (now deprecated aliases); older 5.x
+        # lack the new names.
+        if on:
             enable = getattr(llm, "activation_checkpointing_enable", None) or llm.gradient_checkpointing_enable
             enable({"use_reentrant": False})
-            vision.featurizer.set_grad_checkpointing(True)
-            vision.fused_featurizer.set_grad_checkpointing(True)
-            return
-        disable = getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
-        disable()
-        vision.featurizer.set_grad_checkpointing(False)
-        vision.fused_featurizer.set_grad_checkpointing(False)
-        for unit in units:
-            unit.forward = functools.partial(checkpoint, type(unit).forward.__get__(unit), use_reentrant=False,
-                                             context_fn=context_fn)
+        else:
+            disable = getattr(llm, "activation_checkpointing_disable", None) or llm.gradient_checkpointing_disable
+            disable()
+        vision.featurizer.set_grad_checkpointing(on)
+        vision.fused_featurizer.set_grad_checkpointing(on)
 
     @contextmanager
     def activation_checkpointing_paused(self):

@@ -26,7 +26,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 from safetensors.torch import load_file, save_file
 
 from prismatic.models import save_pretrained
-from prismatic.models.lora import LORA_MARKER, adapter_state_dict, merged_state_dict
+from prismatic.models.lora import adapter_state_dict, merged_state_dict
 from prismatic.training.distributed import DistEnv
 
 STATE_FILE = "trainer_state.json"
@@ -106,7 +106,8 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_stati
     _barrier(env)
     if lora_scaling is not None and not merge_lora and not env.distributed:
         # Only the adapters are written; a quantized base has no plain state dict to gather anyway.
-        weights = {n: p.detach().to("cpu", copy=True) for n, p in model.named_parameters() if LORA_MARKER in n}
+        weights = {k: v.detach().to("cpu", copy=True)
+                   for k, v in adapter_state_dict(dict(model.named_parameters())).items()}
     else:
         weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:
