@@ -307,7 +307,7 @@ def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype
 
     batch = joint_batch(act, anchors, model.config.pad_token_id)
     n = batch["n_action_rows"]
-    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters()))
+    split = RowGroupSplit(action_only=[model.language_model.lm_head])
     if checkpointing:  # the recomputed forward must be split too (inactive outside the joint batch)
         model.gradient_checkpointing_enable(context_fn=split.recompute_context)
 

@@ -40,7 +40,7 @@ class CraftConfig:
     grad_stash_dtype: Optional[str] = None
     # two_pass: separate action and anchor forward/backward (the reference). one_pass: one forward/backward
     # over [action; anchor] rows with row-group weight gradients (same result, one larger batch instead of
-    # two small latency-bound ones); one process only.
+    # two small latency-bound ones; under FSDP the anchor gradient gets its own reduce-scatter per unit).
     step_impl: str = "two_pass"
     # With --vla.enable_gradient_checkpointing, also recompute the (two_pass) anchor pass. Off: the small
     # anchor batch keeps its activations (about 1.8 GB per anchor for 7B) and skips the recomputation

@@ -11,15 +11,18 @@ gradient is a sum over rows; splitting that sum at row `n` yields g_act and g_re
 The action part lands in `param.grad`, the anchor part in this object's buffers. The interception is
 a TorchFunctionMode active around the forward and the backward; activation checkpointing recomputes
 the forward inside the backward, where autograd does not carry the mode, so the checkpoint
-re-enters it through `recompute_context`. A tracked weight used in an op without a batch-aligned
-input is refused, so a silent misattribution cannot happen. One process only: under FSDP the anchor
-part would also need its own reduce-scatter.
+re-enters it through `recompute_context`. A trainable weight used in an op without a batch-aligned
+input is refused, so a silent misattribution cannot happen. Weights are recognised as trainable
+`nn.Parameter`s when used, not from a list made beforehand, so that the unsharded weights FSDP swaps in
+for the forward are split too; under FSDP the anchor part is then reduced like `.grad` by the caller
+(prismatic.training.distributed.ShardedAnchorGrads).
 """
 
 from contextlib import contextmanager, nullcontext
-from typing import Dict, Sequence
+from typing import Dict, Optional, Sequence
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_map
@@ -55,18 +58,20 @@ class _RowSplitLinear(torch.autograd.Function):
 
 
 class RowGroupSplit(TorchFunctionMode):
-    """Attribute weight gradients of rows [:n] to `.grad` and of rows [n:] to `take_ret()`."""
+    """Attribute weight gradients of rows [:n] to `.grad` and of rows [n:] to `pop_ret()`."""
 
-    def __init__(self, params: Sequence[torch.nn.Parameter], action_only: Sequence[torch.nn.Parameter] = ()):
-        """`action_only`: weights that only the action rows reach (the output head, applied to the
+    def __init__(self, action_only: Sequence[nn.Module] = ()):
+        """`action_only`: modules whose weights only the action rows reach (the output head, applied to the
         supervised positions): their whole gradient is g_act and they are not intercepted."""
         super().__init__()
-        self.params = list(params)
-        skip = {id(p) for p in action_only}
-        self.tracked = {id(p): p for p in self.params if id(p) not in skip}
+        self.action_only = list(action_only)
         self.twins: Dict[int, torch.Tensor] = {}
         self.ret: Dict[int, torch.Tensor] = {}
         self.n = self.total = 0
+
+    def _tracked(self, a) -> bool:
+        return isinstance(a, nn.Parameter) and a.requires_grad and not any(
+            a is p for m in self.action_only for p in m.parameters(recurse=False))
 
     @contextmanager
     def rows(self, n: int, total: int):
@@ -96,14 +101,16 @@ class RowGroupSplit(TorchFunctionMode):
         grad = grad.to(param.dtype)
         self.ret[key] = grad if key not in self.ret else self.ret[key].add_(grad)
 
-    def take_ret(self) -> Grads:
-        """The accumulated anchor-row gradient of every parameter (None where it got none); resets."""
-        out = []
-        for p in self.params:
-            g, twin = self.ret.get(id(p)), self.twins.get(id(p))
-            if twin is not None and twin.grad is not None:
-                g = twin.grad if g is None else g.add_(twin.grad)
-            out.append(g)
+    def pop_ret(self, param: torch.Tensor) -> Optional[torch.Tensor]:
+        """The anchor-row gradient accumulated for the weight `param` (None if it got none), handed over."""
+        g, twin = self.ret.pop(id(param), None), self.twins.pop(id(param), None)
+        if twin is not None and twin.grad is not None:
+            g = twin.grad if g is None else g.add_(twin.grad)
+        return g
+
+    def take_ret(self, params: Sequence[torch.Tensor]) -> Grads:
+        """The anchor-row gradients of `params` (one process: the weights the forward used); resets."""
+        out = [self.pop_ret(p) for p in params]
         self.ret, self.twins = {}, {}
         return out
 
@@ -114,16 +121,15 @@ class RowGroupSplit(TorchFunctionMode):
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        used = [a for a in (*args, *kwargs.values()) if isinstance(a, torch.Tensor) and id(a) in self.tracked]
-        if not used:
-            return func(*args, **kwargs)
+        if not torch.is_grad_enabled() or not any(self._tracked(a) for a in (*args, *kwargs.values())):
+            return func(*args, **kwargs)  # no weight gradient to attribute
         if func is F.linear and args[0].shape[0] == self.total:
             x, weight = args[0], args[1]
             bias = args[2] if len(args) > 2 else kwargs.get("bias")
             return _RowSplitLinear.apply(x, weight, bias, self.n, self)
         if getattr(func, "__name__", "") == "expand":
             return self._split_expand(args)
-        if not any(isinstance(a, torch.Tensor) and id(a) not in self.tracked and a.dim() > 0
+        if not any(isinstance(a, torch.Tensor) and not self._tracked(a) and a.dim() > 0
                    and a.shape[0] == self.total for a in (*args, *kwargs.values())):
             result = func(*args, **kwargs)
             if isinstance(result, torch.Tensor):
@@ -137,7 +143,7 @@ class RowGroupSplit(TorchFunctionMode):
         def pick(a):
             if not isinstance(a, torch.Tensor):
                 return a
-            if id(a) in self.tracked:
+            if self._tracked(a):
                 return self._twin(a) if twin else a
             return a[rows] if a.dim() > 0 and a.shape[0] == self.total else a
         return func(*tree_map(pick, args), **tree_map(pick, kwargs))

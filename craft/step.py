@@ -8,7 +8,7 @@ import torch
 
 from craft.dual import RetentionConstraint
 from craft.one_pass import RowGroupSplit
-from craft.surgery import Surgery, clip_scale, combine_into_grads, grad_products, local, squared_norm, take_grads
+from craft.surgery import Grads, Surgery, clip_scale, combine_into_grads, grad_products, local, squared_norm, take_grads
 
 LossFn = Callable[[], torch.Tensor]  # runs one micro-batch forward and returns its mean loss
 # One joint micro-batch: (forward returning (L_act, L_ret), number of action rows, number of rows).
@@ -24,6 +24,10 @@ class Collective:
     def reduce(self, stats: torch.Tensor) -> torch.Tensor:
         """[<g_act,g_ret>, |g_act|^2, |g_ret|^2, L_act, L_ret] partial sums and local means -> global values."""
         return stats
+
+    def anchor_grads(self, split: RowGroupSplit, params: Sequence[torch.Tensor]) -> Grads:
+        """One-pass CRaFT's g_ret for `params`, reduced as the backward reduces `.grad`."""
+        return split.take_ret(params)
 
 
 @dataclass
@@ -75,19 +79,21 @@ def craft_step_one_pass(
     joint_losses: Sequence[JointLoss],
     split: RowGroupSplit,
     max_grad_norm: float,
+    collective: Collective = Collective(),
     stash_dtype: Optional[torch.dtype] = None,
 ) -> StepResult:
     """Steps 1-2 from one forward/backward per joint micro-batch (see craft.one_pass); then as craft_step."""
     optimizer.zero_grad(set_to_none=True)
     l_act = l_ret = torch.zeros((), dtype=torch.float64)
-    for fn, n_action_rows, n_rows in joint_losses:
+    for i, (fn, n_action_rows, n_rows) in enumerate(joint_losses):
+        collective.set_grad_sync(i == len(joint_losses) - 1)
         with split.rows(n_action_rows, n_rows):
             la, lr = fn()
             ((la + lr) / len(joint_losses)).backward()
         l_act, l_ret = l_act + la.detach().double().cpu(), l_ret + lr.detach().double().cpu()
-    g_act, g_ret = take_grads(params, stash_dtype), split.take_ret()
+    g_act, g_ret = take_grads(params, stash_dtype), collective.anchor_grads(split, params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act / len(joint_losses),
-                               l_ret / len(joint_losses), max_grad_norm, Collective())
+                               l_ret / len(joint_losses), max_grad_norm, collective)
 
 
 def _constrained_update(params, optimizer, constraint: RetentionConstraint, g_act, g_ret, l_act: torch.Tensor,

@@ -92,10 +92,3 @@ def test_world_size_must_divide_the_global_batch(demo, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     _fails(_cfg(demo, tmp_path, **{"vla.global_batch_size": 32}), "--vla.global_batch_size 32", "world size 3")
-
-
-def test_one_pass_needs_one_process(demo, tmp_path, monkeypatch):
-    monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
-    _fails(_cfg(demo, tmp_path, **{"craft.step_impl": "one_pass", "vla.global_batch_size": 16}),
-           "--craft.step_impl one_pass", "2 processes", "two_pass")

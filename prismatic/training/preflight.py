@@ -111,9 +111,6 @@ def _preflight(cfg: TrainConfig) -> Plan:
         raise ValueError(f"--sharding_strategy must be one of {list(SHARDING_STRATEGIES)}; found {cfg.sharding_strategy!r}")
     if world_size % env.local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the processes per node {env.local_world_size}")
-    if cfg.craft.enabled and cfg.craft.step_impl == "one_pass" and world_size > 1:
-        raise ValueError(f"--craft.step_impl one_pass runs in one process; found {world_size} processes "
-                         "(use --craft.step_impl two_pass with several GPUs)")
     if cfg.dist_timeout_s < 1:
         raise ValueError(f"--dist_timeout_s must be >= 1; found {cfg.dist_timeout_s}")
     if cfg.dry_run_batches < 0:

@@ -69,8 +69,13 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
 
     mixed = cfg.vla.enable_mixed_precision_training
     model, tokenizer, model_config = _build_model(cfg, plan)
+    one_pass = cfg.craft.enabled and cfg.craft.step_impl == "one_pass"
+    split = RowGroupSplit(action_only=[model.language_model.lm_head]) if one_pass else None
+    if one_pass and cfg.vla.enable_gradient_checkpointing:  # the recomputed forward must be split too
+        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
+    collective = FSDPCollective(model, env, device, cfg.sharding_strategy, split) if env.distributed \
+        else Collective()
     # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
-    collective = FSDPCollective(model, env, device, cfg.sharding_strategy) if env.distributed else Collective()
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed and not env.distributed else nullcontext()
     params = [p for p in model.parameters() if p.requires_grad]
     stash_dtype = getattr(torch, cfg.craft.grad_stash_dtype) if cfg.craft.grad_stash_dtype else None
@@ -129,11 +134,6 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             return out.loss, retention_from_hidden(out.hidden_states[cfg.craft.hidden_layer][n:], anchors)
         return fn, n, batch["input_ids"].shape[0]
 
-    one_pass = constraint is not None and cfg.craft.step_impl == "one_pass"
-    split = RowGroupSplit(params, action_only=list(model.language_model.lm_head.parameters())) if one_pass else None
-    if one_pass and cfg.vla.enable_gradient_checkpointing:  # the recomputed forward must be split too
-        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
-
     dry_run = cfg.dry_run_batches > 0
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
 
@@ -162,7 +162,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
                 joint = [joint_loss_fn(joint_batch(a, r, tokenizer.pad_token_id), micro_metrics)
                          for a, r in zip(act_batches, ret_batches)]
                 result = craft_step_one_pass(params, optimizer, constraint, joint, split, cfg.vla.max_grad_norm,
-                                             stash_dtype)
+                                             collective, stash_dtype)
             elif constraint is not None:
                 result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
                                     cfg.vla.max_grad_norm, collective, stash_dtype)
