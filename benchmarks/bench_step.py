@@ -1,9 +1,11 @@
-"""Time one training step, baseline vs CRaFT, on one model and the same synthetic batches, in one process.
+"""Time one training step, baseline vs CRaFT, on one model and the same synthetic batches.
 
     python benchmarks/bench_step.py --preset tiny --device cpu --batch 8 --anchor_batch 4 \
         --out benchmarks/results/step_tiny_cpu_b8_a4.json
     python benchmarks/bench_step.py --preset openvla-7b --device cuda --dtype bfloat16 --batch 32 \
         --anchor_batch 8 --grad_checkpointing true --out benchmarks/results/step_openvla-7b_h100_b32_a8_gc.json
+    python -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_step.py --preset tiny \
+        --device cpu --batch 8 --anchor_batch 4 --out benchmarks/results/step_tiny_cpu_b8_a4_fsdp2.json
 
 No dataset, no TensorFlow, no download: random uint8 images go through `ImageProcessor`, token ids are built
 by `training_example` with the offline tiny tokenizer (its ids are OpenVLA's ids), and the weights are
@@ -37,6 +39,15 @@ read of both gradients for the three products, one read-both/write-g_act pass fo
 surgery_floor_equiv_gbps = surgery_bytes_floor / t_surgery_s / 1e9. grad_buffer_bytes is one action
 gradient at the parameters' dtype (what the stash holds, unless --grad_stash_dtype casts it: stash_bytes).
 
+Sharded (FSDP2): under torchrun with several ranks, or with `--fsdp true` on one process (a world of 1:
+what FSDP itself costs on one GPU), the model is sharded as the trainer shards it (no mixed-precision policy:
+it is already in --dtype) and the same step
+functions run with its FSDPCollective, so the times include the all-gathers and reduce-scatters each step
+needs and the one all-reduce CRaFT adds. Each rank draws its own batches (seed + rank), as data parallelism
+does. A sharded step is done when its slowest rank is: ranks start each call together (barrier) and a call
+counts its slowest rank's time and its largest rank's peak memory. The surgery alone runs on this rank's
+gradient shards, with the all-reduce; byte counts are rank 0's (FSDP gives the first ranks the largest shards).
+
 Peak memory: on cuda torch.cuda.max_memory_allocated (absolute, weights included), reset before each
 measured call; on cpu the RSS high-water mark of the call minus the RSS before it (see common.PeakRSS;
 garbage is collected and the heap trimmed before each call, so every call starts with cold CPU caches).
@@ -51,6 +62,7 @@ import sys
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, base_record, cpu_description, median, release_host_memory, run_cli  # noqa: E402
@@ -58,14 +70,20 @@ from common import PeakRSS, base_record, cpu_description, median, release_host_m
 import prismatic  # noqa: E402,F401  (before timm: installs the torchvision import guard)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
+from torch.distributed.tensor import DTensor  # noqa: E402
 
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint  # noqa: E402
 from craft.retention import pool_hidden, retention_loss  # noqa: E402
-from craft.step import baseline_step, craft_step  # noqa: E402
-from craft.surgery import Surgery, clip_scale, combine_into_grads, fused_kernels, grad_products  # noqa: E402
+from craft.one_pass import RowGroupSplit  # noqa: E402
+from craft.step import Collective, baseline_step, craft_step, craft_step_one_pass  # noqa: E402
+from craft.surgery import Surgery, clip_scale, combine_into_grads, fused_kernels, grad_products, local  # noqa: E402
 from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
 from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
+from prismatic.training.batches import joint_batch  # noqa: E402
+from prismatic.training.distributed import (  # noqa: E402
+    SHARDING_STRATEGIES, DistEnv, FSDPCollective, dist_env_from_environ, init_process_group, shard_model)
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
 from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
 from prismatic.vla.libero_tasks import INSTRUCTIONS  # noqa: E402
@@ -73,12 +91,13 @@ from prismatic.vla.libero_tasks import INSTRUCTIONS  # noqa: E402
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 HIDDEN_LAYER, POOLING, LOSS_TYPE = -2, "mean_image_tokens", "mse"
 MAX_GRAD_NORM = 1.0
+DIST_TIMEOUT_S = 600  # a rank that fails mid-step leaves the others waiting in a collective this long at most
 
 REQUIRED_KEYS = (
     "device", "preset", "batch", "anchor_batch", "dtype", "date", "torch_version", "transformers_version",
     "params", "trainable_params", "t_base_s", "t_base_bpa_s", "t_craft_s", "t_anchor_s", "t_surgery_s",
     "surgery_bytes", "surgery_bandwidth_gbps", "peak_mem_base_bytes", "peak_mem_craft_bytes", "mem_method",
-    "floor_ratio", "ratio",
+    "floor_ratio", "ratio", "world_size", "sharded", "sharding_strategy",
 )
 
 
@@ -93,7 +112,7 @@ def str2bool(s: str) -> bool:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N (several torchrun ranks: cuda:LOCAL_RANK)")
     p.add_argument("--batch", type=int, default=8, help="action batch B")
     p.add_argument("--anchor_batch", type=int, default=4, help="anchor batch A")
     p.add_argument("--repeats", type=int, default=5)
@@ -113,6 +132,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lora_rank", type=int, default=0,
                    help="> 0: LoRA adapters (fp32) on every linear layer but lm_head, base frozen in --dtype "
                         "(the trainer's --vla.use_lora); the surgery then covers adapter gradients only")
+    p.add_argument("--fsdp", type=str2bool, default=False,
+                   help="true: shard with FSDP2 over a world of 1 (FSDP's own cost on one device); several "
+                        "torchrun ranks always shard")
+    p.add_argument("--sharding_strategy", choices=SHARDING_STRATEGIES, default="full-shard",
+                   help="when sharded (the trainer's --sharding_strategy)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output file")
@@ -214,11 +238,14 @@ class NoOpOptimizer:
 
 
 class Meter:
-    """Device-synchronised wall time and peak memory of one call."""
+    """Device-synchronised wall time and peak memory of one call. With a process group, every rank starts
+    together and the call counts as long as its slowest rank and as large as its largest one: a sharded
+    step is only done when every rank is."""
 
     def __init__(self, device: torch.device):
         self.device = device
         self.cuda = device.type == "cuda"
+        self.distributed = dist.is_initialized()
         self.rss = None if self.cuda else PeakRSS()
         if self.cuda:
             self.method = ("cuda: torch.cuda.max_memory_allocated, peak stats reset before each measured step "
@@ -236,11 +263,17 @@ class Meter:
         else:
             self.rss.start()
         self.sync()
+        if self.distributed:
+            dist.barrier()
         t0 = time.perf_counter()
         out = fn()
         self.sync()
         dt = time.perf_counter() - t0
         peak = torch.cuda.max_memory_allocated(self.device) if self.cuda else self.rss.stop()
+        if self.distributed:
+            worst = torch.tensor([dt, peak], dtype=torch.float64, device=self.device)
+            dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+            dt, peak = worst.tolist()
         return dt, int(peak), out
 
 
@@ -299,17 +332,11 @@ def surgery_traffic_floor(g_act, g_ret) -> int:
     return 2 * read_both + _nbytes(g_act)
 
 
-def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype, checkpointing: bool):
+def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype, split: RowGroupSplit,
+                  collective: Collective):
     """craft_step_one_pass on the joint batch [action rows; anchor rows], composed as the trainer does."""
-    from craft.one_pass import RowGroupSplit
-    from craft.step import craft_step_one_pass
-    from prismatic.training.batches import joint_batch
-
     batch = joint_batch(act, anchors, model.config.pad_token_id)
     n = batch["n_action_rows"]
-    split = RowGroupSplit(action_only=[model.language_model.lm_head])
-    if checkpointing:  # the recomputed forward must be split too (inactive outside the joint batch)
-        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
 
     def fn():
         with autocast:
@@ -321,8 +348,39 @@ def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype
 
     def step(optimizer, constraint):
         return craft_step_one_pass(params, optimizer, constraint, [(fn, n, batch["input_ids"].shape[0])], split,
-                                   MAX_GRAD_NORM, stash_dtype=stash_dtype)
+                                   MAX_GRAD_NORM, collective, stash_dtype=stash_dtype)
     return step
+
+
+def prepare_model(args: argparse.Namespace, env: DistEnv, device: torch.device, dtype: torch.dtype,
+                  lora_alpha: int, sharded: bool):
+    """The random model in the trainer's order (adapters, checkpointing, train mode, shards), with what the
+    CRaFT step needs of it: the one-pass row split and how this rank's results become global ones."""
+    model = build_model(args.preset, device, dtype, args.seed)  # same seed on every rank: one model
+    if args.lora_rank:
+        model = add_lora(model, args.lora_rank, lora_alpha, 0.0, lora_targets(model, "all-linear"))
+    if args.grad_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.train()
+    if sharded:  # the model is already in --dtype: no mixed-precision policy
+        shard_model(model, env, device, args.sharding_strategy, mixed_precision=False)
+    split = RowGroupSplit(action_only=[model.language_model.lm_head]) if args.step_impl == "one_pass" else None
+    if split is not None and args.grad_checkpointing:  # the recomputed forward must be split too
+        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
+    collective = FSDPCollective(model, env, device, args.sharding_strategy, split) if sharded else Collective()
+    return model, split, collective
+
+
+def start_process_group(env: DistEnv, device: torch.device) -> None:
+    """torchrun's ranks; or, for --fsdp on one process, a world of 1 over an in-process store (torchrun's
+    rendezvous is not there, and init_process_group leaves a world of 1 alone)."""
+    if env.distributed:
+        init_process_group(env, device, DIST_TIMEOUT_S)
+        return
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
+                            world_size=1)
 
 
 def device_name(device: torch.device) -> str:
@@ -331,27 +389,39 @@ def device_name(device: torch.device) -> str:
     return f"{cpu_description()}, torch threads {torch.get_num_threads()}"
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace) -> Optional[dict]:
+    """The record on rank 0; None on the other ranks of a sharded run."""
+    env = dist_env_from_environ()
+    sharded = args.fsdp or env.distributed
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda asked for, but torch.cuda.is_available() is False")
+    if device.type == "cuda" and (env.distributed or device.index is None):
+        device = torch.device("cuda", env.local_rank)  # a GPU per rank; an index, as torch.cuda.set_device needs
+    if sharded:
+        start_process_group(env, device)
+    try:
+        record = measure(args, env, device, sharded)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return record if env.is_main else None
+
+
+def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharded: bool) -> dict:
+    """This rank's run; the Meter's collectives make its times and peaks those of the slowest, largest rank."""
     if args.threads > 0:
         torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     config = preset_config(args.preset)
     dtype = DTYPES[args.dtype or config.torch_dtype]
 
-    model = build_model(args.preset, device, dtype, args.seed)
     lora_alpha = min(args.lora_rank, 16)  # the trainer's default --vla.lora_alpha
-    if args.lora_rank:
-        model = add_lora(model, args.lora_rank, lora_alpha, 0.0, lora_targets(model, "all-linear"))
-    if args.grad_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.train()
+    model, split, collective = prepare_model(args, env, device, dtype, lora_alpha, sharded)
     params = [p for p in model.parameters() if p.requires_grad]  # vla-full-train: everything; LoRA: adapters
     total_params = sum(p.numel() for p in model.parameters())
 
-    act_cpu, bpa_cpu, anchors_cpu = synthetic_batches(config, args.batch, args.anchor_batch, args.seed)
+    act_cpu, bpa_cpu, anchors_cpu = synthetic_batches(config, args.batch, args.anchor_batch, args.seed + env.rank)
     act, bpa, anchors = (to_device(b, device) for b in (act_cpu, bpa_cpu, anchors_cpu))
     del act_cpu, bpa_cpu, anchors_cpu
 
@@ -377,12 +447,12 @@ def run(args: argparse.Namespace) -> dict:
         return fn
 
     stash_dtype = None if args.grad_stash_dtype == "none" else DTYPES[args.grad_stash_dtype]
-    if args.step_impl == "one_pass":
-        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype, args.grad_checkpointing)
+    if split is not None:
+        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype, split, collective)
     else:
         def craft_fn(optimizer, constraint):
             return craft_step(params, optimizer, constraint, [action_loss(act)], [anchor_loss(anchors)],
-                              MAX_GRAD_NORM, stash_dtype=stash_dtype)
+                              MAX_GRAD_NORM, collective, stash_dtype=stash_dtype)
     optimizer = torch.optim.AdamW(params, lr=1e-6) if args.with_optimizer else NoOpOptimizer(params)
     # lambda fixed at 1 so combine_into_grads always runs its add (see the module docstring).
     constraint = RetentionConstraint(EpsilonSchedule("constant", 0.05), DualMultiplier(1.0, 0.0))
@@ -396,9 +466,12 @@ def run(args: argparse.Namespace) -> dict:
         last[kind] = result
         return result
 
+    def base(batch, kind):
+        return lambda: checked(baseline_step(params, optimizer, [action_loss(batch)], MAX_GRAD_NORM, collective), kind)
+
     kinds = {
-        "base": lambda: checked(baseline_step(params, optimizer, [action_loss(act)], MAX_GRAD_NORM), "base"),
-        "base_bpa": lambda: checked(baseline_step(params, optimizer, [action_loss(bpa)], MAX_GRAD_NORM), "base_bpa"),
+        "base": base(act, "base"),
+        "base_bpa": base(bpa, "base_bpa"),
         "craft": lambda: checked(craft_fn(optimizer, constraint), "craft"),
         "anchor": lambda: anchor_only(anchor_loss(anchors)),
     }
@@ -427,14 +500,22 @@ def run(args: argparse.Namespace) -> dict:
     gen = torch.Generator(device=device).manual_seed(args.seed + 1)
 
     def random_like(p, has, dtype=None):
-        return torch.randn(p.shape, dtype=dtype or p.dtype, device=device, generator=gen) if has else None
+        """A random gradient laid out as `p.grad` is: sharded, this rank's shard wrapped as FSDP wraps it."""
+        if not has:
+            return None
+        t = torch.randn(local(p).shape, dtype=dtype or p.dtype, device=device, generator=gen)
+        if isinstance(p, DTensor):
+            return DTensor.from_local(t, p.device_mesh, p.placements, run_check=False, shape=p.shape,
+                                      stride=p.stride())
+        return t
 
     g_act = [random_like(p, a, stash_dtype) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
     g_ret = [random_like(p, r) for p, a, r in zip(params, covered["act"], covered["ret"]) if a or r]
     decisions = []
 
-    def surgery():  # craft_step's steps 3-6, minus the losses: products, decision, clip factor, combine
-        dot, act_sq, ret_sq = grad_products(g_act, g_ret).tolist()
+    def surgery():  # craft_step's steps 3-6, minus the losses: products, all-reduce, decision, clip, combine
+        stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.zeros(2, dtype=torch.float64)])
+        dot, act_sq, ret_sq, _, _ = collective.reduce(stats).tolist()
         decided = Surgery.decide(dot, act_sq, ret_sq, constraint.lam)
         scale = clip_scale(decided.grad_sq, MAX_GRAD_NORM)
         combine_into_grads(surgery_params, g_act, g_ret, decided.ret_coef, scale)
@@ -447,11 +528,13 @@ def run(args: argparse.Namespace) -> dict:
         if i >= args.warmup:
             surgery_times.append(dt)
     ret_coef, scale = decisions[-1]
-    # One gradient buffer: the action gradient at the parameters' dtype; the stash is that, or its cast.
-    grad_buffer_bytes = sum(p.numel() * p.element_size() for p, has in zip(params, covered["act"]) if has)
+    # Bytes are this rank's: its shards when sharded. One gradient buffer: the action gradient at the
+    # parameters' dtype; the stash is that, or its cast.
+    grad_buffer_bytes = _nbytes(local(p) for p, has in zip(params, covered["act"]) if has)
+    g_act, g_ret = ([None if g is None else local(g) for g in grads] for grads in (g_act, g_ret))
     stash_bytes = _nbytes(g_act)
     fused = device.type == "cuda" and fused_kernels() is not None
-    surgery_bytes = surgery_traffic(surgery_params, g_act, g_ret, ret_coef, scale, fused)
+    surgery_bytes = surgery_traffic([local(p) for p in surgery_params], g_act, g_ret, ret_coef, scale, fused)
     surgery_bytes_floor = surgery_traffic_floor(g_act, g_ret)
     del g_act, g_ret
 
@@ -478,6 +561,9 @@ def run(args: argparse.Namespace) -> dict:
         torch_version=torch.__version__,
         transformers_version=transformers.__version__,
         platform=platform.platform(),
+        world_size=env.world_size,
+        sharded=sharded,
+        sharding_strategy=args.sharding_strategy if sharded else None,
         params=total_params,
         trainable_params=sum(p.numel() for p in params),
         grad_params=sum(p.numel() for p, has in zip(params, covered["act"]) if has),
@@ -497,7 +583,8 @@ def run(args: argparse.Namespace) -> dict:
         stash_bytes=stash_bytes,
         surgery_bytes=surgery_bytes,
         surgery_fused=fused,
-        surgery_bytes_counting="as craft/surgery.py implements it, see surgery_traffic() in bench_step.py",
+        surgery_bytes_counting="as craft/surgery.py implements it, see surgery_traffic() in bench_step.py"
+                               + (", on rank 0's gradient shards" if sharded else ""),
         surgery_bandwidth_gbps=surgery_bytes / t_surgery / 1e9,
         surgery_bytes_floor=surgery_bytes_floor,
         surgery_floor_equiv_gbps=surgery_bytes_floor / t_surgery / 1e9,
@@ -530,7 +617,7 @@ def summary(r: dict) -> str:
             f"peak mem base {r['peak_mem_base_bytes'] / mb:.0f} MB craft {r['peak_mem_craft_bytes'] / mb:.0f} MB")
 
 
-def main(argv=None) -> dict:
+def main(argv=None) -> Optional[dict]:
     return run_cli(parse_args, run, summary, argv)
 
 

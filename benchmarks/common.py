@@ -73,10 +73,13 @@ def base_record(**fields: Any) -> Dict[str, Any]:
     return record
 
 
-def run_cli(parse_args, run, summary, argv=None) -> Dict[str, Any]:
-    """A benchmark's main: parse, measure, write the JSON (if --out), print the one-line summary."""
+def run_cli(parse_args, run, summary, argv=None) -> Optional[Dict[str, Any]]:
+    """A benchmark's main: parse, measure, write the JSON (if --out), print the one-line summary. A `run`
+    that returns None (a rank other than 0 of a multi-process run) leaves both to the rank that does."""
     args = parse_args(argv)
     record = run(args)
+    if record is None:
+        return None
     write_json(args.out, record)
     print(summary(record), flush=True)
     return record

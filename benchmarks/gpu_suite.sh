@@ -45,4 +45,5 @@ transformers.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
     run 60 step_openvla-7b_lora32_b8_a4 $step --batch 8 --anchor_batch 4 --lora_rank 32 --autocast bfloat16
     run 80 step_openvla-7b_b16_a4 $step --batch 16 --anchor_batch 4
     run 80 step_openvla-7b_b16_a4_one_pass $step --batch 16 --anchor_batch 4 --step_impl one_pass
+    run 100 step_openvla-7b_b16_a4_gc_fsdp1 $step --batch 16 --anchor_batch 4 --grad_checkpointing true --fsdp true
 } 2>&1 | tee "$out/suite.log"

@@ -3,6 +3,7 @@
 import datetime
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -11,11 +12,12 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH = ROOT / "benchmarks"
+TORCHRUN_2 = ("-m", "torch.distributed.run", "--standalone", "--nnodes", "1", "--nproc-per-node", "2")
 
 
-def _run(script: str, out: Path, *args: str, timeout: int = 240) -> dict:
-    cmd = [sys.executable, str(BENCH / script), "--out", str(out), *args]
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+def _run(script: str, out: Path, *args: str, timeout: int = 240, launcher=(), env=None) -> dict:
+    cmd = [sys.executable, *launcher, str(BENCH / script), "--out", str(out), *args]
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     assert proc.stdout.strip(), "no summary line printed"
     return json.loads(out.read_text())
@@ -36,14 +38,12 @@ STEP_KEYS = (
     "device", "preset", "batch", "anchor_batch", "dtype", "date", "torch_version", "transformers_version",
     "params", "trainable_params", "t_base_s", "t_base_bpa_s", "t_craft_s", "t_anchor_s", "t_surgery_s",
     "surgery_bytes", "surgery_bandwidth_gbps", "peak_mem_base_bytes", "peak_mem_craft_bytes", "mem_method",
-    "floor_ratio", "ratio", "grad_buffer_bytes",
+    "floor_ratio", "ratio", "grad_buffer_bytes", "world_size", "sharded", "sharding_strategy",
 )
+TINY_STEP = ("--preset", "tiny", "--device", "cpu", "--batch", "2", "--anchor_batch", "1", "--repeats", "1")
 
 
-@pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
-def test_bench_step_tiny_cpu(tmp_path, step_impl):
-    r = _run("bench_step.py", tmp_path / "step.json", "--preset", "tiny", "--device", "cpu", "--batch", "2",
-             "--anchor_batch", "1", "--warmup", "1", "--repeats", "1", "--threads", "2", "--step_impl", step_impl)
+def _check_step(r: dict, step_impl: str) -> None:
     assert r["step_impl"] == step_impl
     missing = [k for k in STEP_KEYS if k not in r]
     assert not missing, f"missing keys {missing}"
@@ -54,14 +54,32 @@ def test_bench_step_tiny_cpu(tmp_path, step_impl):
     assert r["ratio"] == pytest.approx(r["t_craft_s"] / r["t_base_s"])
     assert r["floor_ratio"] == pytest.approx((r["t_base_bpa_s"] + r["t_surgery_s"]) / r["t_base_s"])
     assert 0 < r["trainable_params"] <= r["params"]
-    # fp32 gradients: one action gradient buffer is 4 bytes per parameter that gets one.
-    assert r["grad_buffer_bytes"] == 4 * r["grad_params"]
     assert r["surgery_bytes"] >= r["surgery_bytes_floor"] >= 2 * r["grad_buffer_bytes"]
     for key in ("peak_mem_base_bytes", "peak_mem_craft_bytes"):
         assert isinstance(r[key], int) and r[key] >= 0
     assert r["mem_method"].startswith("cpu:")
     assert all(len(v) == 1 for v in r["times_s"].values())
     assert math.isfinite(r["last_craft_step"]["L_act"]) and math.isfinite(r["last_craft_step"]["L_ret"])
+
+
+@pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
+def test_bench_step_tiny_cpu(tmp_path, step_impl):
+    r = _run("bench_step.py", tmp_path / "step.json", *TINY_STEP, "--warmup", "1", "--threads", "2",
+             "--step_impl", step_impl)
+    _check_step(r, step_impl)
+    assert (r["world_size"], r["sharded"], r["sharding_strategy"]) == (1, False, None)
+    # fp32 gradients: one action gradient buffer is 4 bytes per parameter that gets one.
+    assert r["grad_buffer_bytes"] == 4 * r["grad_params"]
+
+
+@pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
+def test_bench_step_tiny_sharded_on_two_cpu_ranks(tmp_path, step_impl):
+    r = _run("bench_step.py", tmp_path / "step.json", *TINY_STEP, "--warmup", "0", "--step_impl", step_impl,
+             launcher=TORCHRUN_2, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    _check_step(r, step_impl)
+    assert (r["world_size"], r["sharded"], r["sharding_strategy"]) == (2, True, "full-shard")
+    # Bytes are counted on rank 0's shards: at least half of each gradient (FSDP rounds rank 0's rows up).
+    assert 2 * r["grad_params"] <= r["grad_buffer_bytes"] < 4 * r["grad_params"]
 
 
 def test_bench_anchor_cache_small(tmp_path):
