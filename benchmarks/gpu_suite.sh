@@ -46,4 +46,8 @@ transformers.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
     run 80 step_openvla-7b_b16_a4 $step --batch 16 --anchor_batch 4
     run 80 step_openvla-7b_b16_a4_one_pass $step --batch 16 --anchor_batch 4 --step_impl one_pass
     run 100 step_openvla-7b_b16_a4_gc_fsdp1 $step --batch 16 --anchor_batch 4 --grad_checkpointing true --fsdp true
+    run 100 step_openvla-7b_b16_a4_gc_fsdp1_one_pass $step --batch 16 --anchor_batch 4 --grad_checkpointing true \
+        --fsdp true --step_impl one_pass
+    run 100 step_openvla-7b_b32_a8_gc_anchorckpt $step --batch 32 --anchor_batch 8 --grad_checkpointing true \
+        --anchor_checkpointing true
 } 2>&1 | tee "$out/suite.log"

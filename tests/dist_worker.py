@@ -148,5 +148,5 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
 
 
 if __name__ == "__main__":
-    out_dir, step_impl, micro, strategy = (*sys.argv[1:], "two_pass", "2", "full-shard")[:4]
+    out_dir, step_impl, micro, strategy = sys.argv[1:] + ["", "two_pass", "2", "full-shard"][len(sys.argv) - 1:]
     main(Path(out_dir), step_impl, int(micro), strategy)

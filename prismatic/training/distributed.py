@@ -8,6 +8,7 @@ with one GPU per node degenerates to plain replication instead of failing.
 
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Dict, List, Optional, Sequence
@@ -55,9 +56,11 @@ def dist_env_from_environ() -> DistEnv:
 def init_process_group(env: DistEnv, device: torch.device, timeout_s: int) -> None:
     """NCCL on GPUs, gloo on CPU; a hung collective fails after `timeout_s` instead of waiting forever."""
     if env.distributed and not dist.is_initialized():
-        if device.type == "cuda":
+        cuda = device.type == "cuda"
+        if cuda:
             torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=timedelta(seconds=timeout_s))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                                device_id=device if cuda else None)  # NCCL: no guessing which GPU is whose
 
 
 def replicate_degree(env: DistEnv, strategy: str) -> int:
@@ -117,21 +120,6 @@ class FSDPCollective(Collective):
 _reduce_scatter = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
 
 
-class _AfterBackward(torch.autograd.Function):
-    """Identity whose backward runs `callback` once the gradient of its input is complete, i.e. after the
-    backward of every op that consumed it (their weight gradients included)."""
-
-    @staticmethod
-    def forward(ctx, x, callback):
-        ctx.callback = callback
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        ctx.callback()
-        return g, None
-
-
 class ShardedAnchorGrads:
     """One-pass CRaFT under FSDP2: the anchor-row gradients that `RowGroupSplit` collects on the unsharded
     weights become this rank's shard of the global g_ret, reduced exactly as FSDP reduces `.grad` (averaged
@@ -141,6 +129,9 @@ class ShardedAnchorGrads:
 
     def __init__(self, model, split: RowGroupSplit):
         self.split, self.sync = split, True
+        # The joint forward returns hidden_states[0], the first decoder layer's input, which FSDP itself
+        # wraps in a view to hook its backward; nothing changes it in place, so its warning is noise here.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPOpenVLA\) returned a view tensor")
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         # Each unit's own weights, by name: FSDP swaps the unsharded tensor in under the same name.
         self.names = {u: self._own_trainable(u) for u in self.units}
@@ -161,10 +152,9 @@ class ShardedAnchorGrads:
             if self.split.total == 0 or not self.sync or unit in self.unsharded:
                 return None  # not a joint forward whose gradients are synced, or a recomputation
             self.unsharded[unit] = [module.get_parameter(n) for n in self.names[unit]]
-            i = next((i for i, a in enumerate(args) if isinstance(a, torch.Tensor) and a.requires_grad), None)
-            if i is None:
-                return None
-            return (*args[:i], _AfterBackward.apply(args[i], lambda: self._reduce(unit)), *args[i + 1:])
+            x = next((a for a in args if isinstance(a, torch.Tensor) and a.requires_grad), None)
+            if x is not None:  # its gradient is complete once every op of the unit that consumed it is done
+                x.register_hook(lambda grad: self._reduce(unit))
         return hook
 
     def _reduce(self, unit) -> None:
