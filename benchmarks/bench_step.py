@@ -377,10 +377,11 @@ def start_process_group(env: DistEnv, device: torch.device) -> None:
     if env.distributed:
         init_process_group(env, device, DIST_TIMEOUT_S)
         return
-    if device.type == "cuda":
+    cuda = device.type == "cuda"
+    if cuda:
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0,
-                            world_size=1)
+    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
+                            device_id=device if cuda else None)
 
 
 def device_name(device: torch.device) -> str:
