@@ -88,9 +88,11 @@ def test_one_pass_gradients_equal_two_pass(lora, checkpointing):
     assert checked > len(params)  # both gradients were compared on many tensors
 
 
-@pytest.mark.parametrize("checkpointing,nproc", [("true", 1), ("false", 1), ("true", 2)])
-def test_one_pass_run_matches_two_pass_run(demo, tmp_path, checkpointing, nproc):
-    common = {"vla.max_steps": 3, "vla.per_device_batch_size": 4, "vla.enable_gradient_checkpointing": checkpointing,
+@pytest.mark.parametrize("nproc", [1, 2])
+def test_one_pass_run_matches_two_pass_run(demo, tmp_path, nproc):
+    """The trainer's composition (joint batches, checkpointing re-entering the split, FSDP with 2 ranks);
+    without checkpointing the gradients are compared directly above."""
+    common = {"vla.max_steps": 2, "vla.per_device_batch_size": 4, "vla.enable_gradient_checkpointing": "true",
               "save_interval": 100}
     rows = {}
     for impl in ("two_pass", "one_pass"):
