@@ -3,7 +3,8 @@
 One process per GPU under torchrun. A single process runs unsharded; several processes shard the
 model with `fully_shard` (one unit per ViT block and per Llama decoder layer, then the root):
 `full-shard` over all ranks, or `hybrid-shard` (shard within a node, replicate across nodes), which
-with one GPU per node degenerates to plain replication instead of failing.
+with one GPU per node degenerates to plain replication instead of failing. One-pass CRaFT's anchor
+gradient is reduced here too (`ShardedAnchorGrads`), as FSDP reduces `.grad`.
 """
 
 import math
