@@ -22,7 +22,7 @@ from torch.distributed.tensor import DTensor
 
 from craft.one_pass import RowGroupSplit
 from craft.step import Collective
-from craft.surgery import Grads
+from craft.surgery import Grads, local
 
 SHARDING_STRATEGIES = ("full-shard", "hybrid-shard")
 
@@ -183,9 +183,9 @@ class ShardedAnchorGrads:
         recv.div_(mesh.size())
         offset = 0
         for (_, p), size in zip(present, sizes):
-            shape = p.to_local().shape
-            local = recv[offset:offset + shape.numel()].view(shape)
-            self.done[id(p)] = DTensor.from_local(local, mesh, p.placements, run_check=False, shape=p.shape,
+            shape = local(p).shape
+            shard = recv[offset:offset + shape.numel()].view(shape)
+            self.done[id(p)] = DTensor.from_local(shard, mesh, p.placements, run_check=False, shape=p.shape,
                                                   stride=p.stride())
             offset += size
 
