@@ -124,7 +124,7 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
     A stash kept in a lower precision than the parameter (bf16 stash) is added into g_ret instead,
     so that `.grad` keeps the parameter's dtype.
     """
-    alone_a, pairs_a, pairs_r, only_r, into_r, from_a = [], [], [], [], [], []
+    acts, pairs_a, pairs_r, only_r, into_r, from_a = [], [], [], [], [], []
     for p, a, r in zip(params, g_act, g_ret):
         if a is not None and a.dtype != p.dtype:
             if r is None:
@@ -133,16 +133,16 @@ def combine_into_grads(params: Sequence[torch.Tensor], g_act: Grads, g_ret: Grad
             from_a.append(local(a))
             p.grad = r
             continue
-        if a is not None and r is not None:
-            pairs_a.append(local(a))
-            pairs_r.append(local(r))
-        elif a is not None:
-            alone_a.append(local(a))
+        if a is not None:
+            acts.append(local(a))
+            if r is not None:
+                pairs_a.append(local(a))
+                pairs_r.append(local(r))
         elif r is not None:
             only_r.append(local(r))
         p.grad = a if a is not None else r
-    if (alone_a or pairs_a) and scale != 1.0:
-        torch._foreach_mul_(alone_a + pairs_a, scale)
+    if acts and scale != 1.0:
+        torch._foreach_mul_(acts, scale)
     if pairs_a and ret_coef != 0.0:
         torch._foreach_add_(pairs_a, pairs_r, alpha=ret_coef * scale)
     if only_r or into_r:
