@@ -371,19 +371,6 @@ def prepare_model(args: argparse.Namespace, env: DistEnv, device: torch.device, 
     return model, split, collective
 
 
-def start_process_group(env: DistEnv, device: torch.device) -> None:
-    """torchrun's ranks; or, for --fsdp on one process, a world of 1 over an in-process store (torchrun's
-    rendezvous is not there, and init_process_group leaves a world of 1 alone)."""
-    if env.distributed:
-        init_process_group(env, device, DIST_TIMEOUT_S)
-        return
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1,
-                            device_id=device if cuda else None)
-
-
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -400,7 +387,7 @@ def run(args: argparse.Namespace) -> Optional[dict]:
     if device.type == "cuda" and (env.distributed or device.index is None):
         device = torch.device("cuda", env.local_rank)  # a GPU per rank; an index, as torch.cuda.set_device needs
     if sharded:
-        start_process_group(env, device)
+        init_process_group(env, device, DIST_TIMEOUT_S, world_of_one=True)
     try:
         record = measure(args, env, device, sharded)
     finally:

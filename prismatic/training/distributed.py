@@ -54,14 +54,18 @@ def dist_env_from_environ() -> DistEnv:
                    local_rank=int(env.get("LOCAL_RANK", 0)), local_world_size=int(env.get("LOCAL_WORLD_SIZE", 1)))
 
 
-def init_process_group(env: DistEnv, device: torch.device, timeout_s: int) -> None:
-    """NCCL on GPUs, gloo on CPU; a hung collective fails after `timeout_s` instead of waiting forever."""
-    if env.distributed and not dist.is_initialized():
-        cuda = device.type == "cuda"
-        if cuda:
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
-                                device_id=device if cuda else None)  # NCCL: no guessing which GPU is whose
+def init_process_group(env: DistEnv, device: torch.device, timeout_s: int, world_of_one: bool = False) -> None:
+    """NCCL on GPUs, gloo on CPU; a hung collective fails after `timeout_s` instead of waiting forever.
+    A single process gets a group only with `world_of_one` (FSDP over one device), over an in-process
+    store since torchrun's rendezvous is not there."""
+    if dist.is_initialized() or not (env.distributed or world_of_one):
+        return
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.set_device(device)
+    alone = {} if env.distributed else {"store": dist.HashStore(), "rank": 0, "world_size": 1}
+    dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout_s),
+                            device_id=device if cuda else None, **alone)  # NCCL: no guessing which GPU is whose
 
 
 def replicate_degree(env: DistEnv, strategy: str) -> int:
