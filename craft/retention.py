@@ -32,6 +32,13 @@ def pool_hidden(
     raise ValueError(f"pooling must be one of {list(POOLINGS)}; found {pooling!r}")
 
 
+def anchor_features(model, batch: dict, hidden_layer: int, pooling: str) -> torch.Tensor:
+    """Pooled features of anchor inputs [B, D]: the one function that makes the cache's targets, the
+    training-time features compared with them, and the evaluation's drift."""
+    hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layer=hidden_layer)
+    return pool_hidden(hidden, pooling, model.image_token_slice, batch["attention_mask"])
+
+
 def retention_loss(features: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
     """Scalar drift of `features` [B, D] from `targets` [B, D], averaged over the anchor batch."""
     features, targets = features.float(), targets.float()

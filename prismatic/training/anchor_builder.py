@@ -13,7 +13,7 @@ from tqdm import tqdm
 
 from craft.anchor_cache import AnchorCacheWriter
 from craft.config import POOLINGS, CraftConfigError
-from craft.retention import pool_hidden
+from craft.retention import anchor_features
 from prismatic.models import ImageProcessor, VLAModelConfig, load_pretrained
 from prismatic.training.batches import anchor_inputs
 from prismatic.training.preflight import resolve_device
@@ -90,9 +90,7 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
         }
         batch = {k: v.to(device) for k, v in anchor_inputs(rows, processor).items()}
         with autocast:
-            hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                         layer=cfg.hidden_layer)
-        features = pool_hidden(hidden, cfg.pooling, model.image_token_slice, batch["attention_mask"])
+            features = anchor_features(model, batch, cfg.hidden_layer, cfg.pooling)
         writer.append({**rows, "target_features": features.cpu().numpy()}, [f["instruction"] for f in frames[sl]])
     meta = {
         "hidden_layer": cfg.hidden_layer,

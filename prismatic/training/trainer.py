@@ -20,7 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_
 
 from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.dual import RetentionConstraint
-from craft.retention import pool_hidden, retention_loss
+from craft.retention import anchor_features, pool_hidden, retention_loss
 from craft.one_pass import RowGroupSplit
 from craft.step import Collective, StepResult, baseline_step, craft_step, craft_step_one_pass
 from prismatic.conf.train import TrainConfig
@@ -116,9 +116,8 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
     def retention_loss_fn(batch):
         def fn():
             with autocast, pause():
-                hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                             layer=cfg.craft.hidden_layer)
-            return retention_from_hidden(hidden, batch)
+                features = anchor_features(model, batch, cfg.craft.hidden_layer, cfg.craft.pooling)
+            return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
         return fn
 
     def joint_loss_fn(batch, micro_metrics: list):
