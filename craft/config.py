@@ -10,6 +10,8 @@ RETENTION_LOSS_TYPES = ("mse", "cosine")
 EPSILON_SCHEDULES = ("constant", "linear", "cosine")
 STASH_DTYPES = ("float32", "bfloat16")
 STEP_IMPLS = ("two_pass", "one_pass")
+DUAL_UPDATES = ("gradient_ascent", "pi")
+VIOLATIONS = ("absolute", "relative")
 
 
 class CraftConfigError(ValueError):
@@ -32,7 +34,19 @@ class CraftConfig:
     epsilon_start: Optional[float] = None  # first value of a linear/cosine schedule (default: epsilon)
     epsilon_schedule_steps: Optional[int] = None  # steps to go from start to epsilon (default: max_steps)
     lambda_init: float = 0.0
+    # Step of the dual update on the violation; with dual_update pi, the integral gain ki.
     lambda_lr: float = 1e-4
+    # gradient_ascent: lambda <- [lambda + lambda_lr e]_+. pi: nuPI, adds kp (xi_t - xi_{t-1}) (craft.dual).
+    dual_update: str = "gradient_ascent"
+    # The violation e: absolute = L_ret - epsilon (loss units); relative = (L_ret - epsilon) / epsilon (unitless).
+    violation: str = "absolute"
+    lambda_kp: float = 0.0  # pi only: proportional gain on the smoothed violation xi
+    violation_ema: float = 0.0  # pi only: nu in xi_t = nu xi_{t-1} + (1 - nu) e_t; 0 = no smoothing
+    lambda_max: Optional[float] = None  # upper bound on lambda for either rule (None = unbounded)
+    # Anchor pass, surgery and dual update every k-th step only; the other steps are plain behaviour cloning.
+    retention_interval: int = 1
+    # false: never project g_act (the "lambda only" ablation); grad_dot and grad_cos are still logged.
+    conflict_projection: bool = True
     anchor_batch_size: int = 4  # per device and micro-batch
     anchor_seed: int = 0
     # The stashed action gradient, CRaFT's one extra gradient-sized buffer: None keeps the gradients'
@@ -74,10 +88,34 @@ class CraftConfig:
             raise CraftConfigError(f"--craft.lambda_init must be >= 0; found {self.lambda_init}")
         if self.lambda_lr < 0:
             raise CraftConfigError(f"--craft.lambda_lr must be >= 0; found {self.lambda_lr}")
+        self._validate_dual_update()
+        if self.retention_interval < 1:
+            raise CraftConfigError(f"--craft.retention_interval must be >= 1; found {self.retention_interval}")
         if self.anchor_batch_size < 1:
             raise CraftConfigError(
                 f"--craft.anchor_batch_size must be >= 1; found {self.anchor_batch_size}"
             )
+
+    def _validate_dual_update(self) -> None:
+        _choice("dual_update", self.dual_update, DUAL_UPDATES)
+        _choice("violation", self.violation, VIOLATIONS)
+        if self.lambda_kp < 0:
+            raise CraftConfigError(f"--craft.lambda_kp must be >= 0; found {self.lambda_kp}")
+        if not 0 <= self.violation_ema < 1:
+            raise CraftConfigError(f"--craft.violation_ema must be in [0, 1); found {self.violation_ema}")
+        if self.dual_update != "pi":
+            for flag, value in (("lambda_kp", self.lambda_kp), ("violation_ema", self.violation_ema)):
+                if value != 0:
+                    raise CraftConfigError(
+                        f"--craft.{flag} applies only with --craft.dual_update pi; found --craft.{flag} {value} "
+                        f"with --craft.dual_update {self.dual_update}"
+                    )
+        if self.lambda_max is not None:
+            _positive("lambda_max", self.lambda_max)
+            if self.lambda_init > self.lambda_max:
+                raise CraftConfigError(
+                    f"--craft.lambda_init must be <= --craft.lambda_max; found {self.lambda_init} > {self.lambda_max}"
+                )
 
 
 def _choice(flag: str, value: str, allowed: tuple) -> None:
