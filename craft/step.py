@@ -63,13 +63,16 @@ def craft_step(
     max_grad_norm: float,
     collective: Collective = Collective(),
     stash_dtype: Optional[torch.dtype] = None,
+    project: bool = True,
 ) -> StepResult:
+    """`project` false never projects g_act (--craft.conflict_projection false)."""
     optimizer.zero_grad(set_to_none=True)
     l_act = accumulate(action_losses, collective)  # 1. g_act
     g_act = take_grads(params, stash_dtype)
     l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
-    return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act, l_ret, max_grad_norm, collective)
+    return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act, l_ret, max_grad_norm, collective,
+                               project)
 
 
 def craft_step_one_pass(
@@ -81,6 +84,7 @@ def craft_step_one_pass(
     max_grad_norm: float,
     collective: Collective = Collective(),
     stash_dtype: Optional[torch.dtype] = None,
+    project: bool = True,
 ) -> StepResult:
     """Steps 1-2 from one forward/backward per joint micro-batch (see craft.one_pass); then as craft_step."""
     optimizer.zero_grad(set_to_none=True)
@@ -93,18 +97,19 @@ def craft_step_one_pass(
         l_act, l_ret = l_act + la.detach().double().cpu(), l_ret + lr.detach().double().cpu()
     g_act, g_ret = take_grads(params, stash_dtype), collective.anchor_grads(split, params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act / len(joint_losses),
-                               l_ret / len(joint_losses), max_grad_norm, collective)
+                               l_ret / len(joint_losses), max_grad_norm, collective, project)
 
 
 def _constrained_update(params, optimizer, constraint: RetentionConstraint, g_act, g_ret, l_act: torch.Tensor,
-                        l_ret: torch.Tensor, max_grad_norm: float, collective: Collective) -> StepResult:
+                        l_ret: torch.Tensor, max_grad_norm: float, collective: Collective,
+                        project: bool = True) -> StepResult:
     """Spec steps 3-7, the same whichever way g_act and g_ret were obtained."""
     local_stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.stack([l_act, l_ret])])
     dot, act_sq, ret_sq, l_act, l_ret = collective.reduce(local_stats).tolist()  # 3. one all-reduce
     lam, eps = constraint.lam, constraint.epsilon
     if not all(map(math.isfinite, (l_act, l_ret, dot, act_sq, ret_sq))):
         return StepResult(L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, skipped=True)
-    surgery = Surgery.decide(dot, act_sq, ret_sq, lam)  # 4. project g_act if dot < 0
+    surgery = Surgery.decide(dot, act_sq, ret_sq, lam, project)  # 4. project g_act if dot < 0 (and `project`)
     scale = clip_scale(surgery.grad_sq, max_grad_norm)
     combine_into_grads(params, g_act, g_ret, surgery.ret_coef, scale)  # 5-6. g = g_act + lam g_ret, clipped
     optimizer.step()

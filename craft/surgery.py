@@ -107,11 +107,12 @@ class Surgery:
     grad_sq: float  # |g|^2 of the combined gradient, before clipping
 
     @classmethod
-    def decide(cls, dot: float, act_sq: float, ret_sq: float, lam: float) -> "Surgery":
-        """g = g_act - [dot < 0] dot/|g_ret|^2 g_ret + lam g_ret; |g_ret| = 0 means no projection."""
+    def decide(cls, dot: float, act_sq: float, ret_sq: float, lam: float, project: bool = True) -> "Surgery":
+        """g = g_act - [project and dot < 0] dot/|g_ret|^2 g_ret + lam g_ret; |g_ret| = 0 means no projection.
+        `project` false is the "lambda only" ablation: g = g_act + lam g_ret whatever the sign of dot."""
         denom = (act_sq * ret_sq) ** 0.5
         cos = dot / denom if denom > 0 else 0.0
-        projection = ret_sq > 0 and dot < 0
+        projection = project and ret_sq > 0 and dot < 0
         coef = lam - (dot / ret_sq if projection else 0.0)
         grad_sq = act_sq + 2.0 * coef * dot + coef * coef * ret_sq  # |g_act + coef g_ret|^2, no extra pass
         return cls(grad_dot=dot, grad_cos=cos, projection=projection, ret_coef=coef, grad_sq=max(grad_sq, 0.0))
