@@ -20,8 +20,8 @@ from prismatic.models import (
     load_pretrained,
     save_pretrained,
 )
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator, training_example
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator, training_example
 
 NORM_STATS = {
     "bridge_orig": {

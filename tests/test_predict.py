@@ -9,7 +9,7 @@ import torch
 import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import ImageProcessor, OpenVLA, build_tiny_tokenizer, preset_config
 from prismatic.models.predict import greedy_action_ids
-from prismatic.vla.batching import SPACE_TOKEN_ID, prompt_ids
+from prismatic.models.batching import SPACE_TOKEN_ID, prompt_ids
 
 NORM_STATS = {
     "bridge_orig": {

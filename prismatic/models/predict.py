@@ -13,8 +13,8 @@ import numpy as np
 import torch
 
 from prismatic.models.processor import ImageProcessor
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
 
 if TYPE_CHECKING:
     from prismatic.models.vla import OpenVLA
