@@ -20,6 +20,7 @@ from transformers import LlamaForCausalLM
 from prismatic.models.batching import IGNORE_INDEX
 from prismatic.models.config import VLAModelConfig
 from prismatic.models.predict import predict_action
+from prismatic.models.processor import ImageProcessor
 from prismatic.models.projector import FusedMLPProjector
 from prismatic.models.vision import FusedVisionBackbone
 
@@ -49,6 +50,8 @@ class OpenVLA(nn.Module):
         llm_config = config.llama_config()
         self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llm_config.hidden_size)
         self.language_model = LlamaForCausalLM(llm_config)
+        # How this model's images are prepared; load_pretrained installs the checkpoint's own.
+        self.image_processor = ImageProcessor(config)
 
     @classmethod
     def from_config(cls, config: VLAModelConfig) -> OpenVLA:
