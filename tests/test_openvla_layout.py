@@ -345,8 +345,7 @@ def test_written_preprocessor_config_round_trips(tmp_path, strategy):
         }
 
 
-def test_bad_preprocessor_config_names_the_file(published, tmp_path):
-    folder, _ = published
+def test_bad_preprocessor_config_names_the_file(tmp_path):
     config = VLAModelConfig.from_dict(CONFIG)
     (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "PrismaticImageProcessor"}))
     with pytest.raises(ValueError, match=r"preprocessor_config\.json is not an OpenVLA image processor config.*"
@@ -356,6 +355,10 @@ def test_bad_preprocessor_config_names_the_file(published, tmp_path):
     (tmp_path / "preprocessor_config.json").write_text(json.dumps(letterbox))
     with pytest.raises(ValueError, match=r"preprocessor_config\.json \(image_resize_strategy 'letterbox'.*"
                                          r"disagrees with the model config \(image_resize_strategy 'resize-naive'"):
+        ImageProcessor.from_pretrained(tmp_path, config)
+    one_backbone = {**RELEASED_PREPROCESSOR, "tvf_normalize_params": RELEASED_PREPROCESSOR["tvf_normalize_params"][:1]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(one_backbone))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: tvf_normalize_params: expected 3 means"):
         ImageProcessor.from_pretrained(tmp_path, config)
 
 

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
-from prismatic.models.processor import ImageProcessor
 from prismatic.models.action_tokenizer import ActionTokenizer
 from prismatic.models.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
+from prismatic.models.processor import ImageProcessor
 
 if TYPE_CHECKING:
     from prismatic.models.vla import OpenVLA

@@ -104,7 +104,10 @@ class ImageProcessor:
                 f"{path} (image_resize_strategy {strategy!r}, sizes {sizes}) disagrees with the model config "
                 f"(image_resize_strategy {config.image_resize_strategy!r}, image_sizes {config.image_sizes})"
             )
-        return cls(config, means, stds)
+        try:
+            return cls(config, means, stds)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{path}: tvf_normalize_params: {e}") from None
 
     def to_dict(self) -> dict[str, Any]:
         """preprocessor_config.json in the layout of upstream's HF PrismaticImageProcessor, so OpenVLA's own
