@@ -22,7 +22,7 @@ from prismatic.models import (
     load_pretrained,
     save_pretrained,
 )
-from prismatic.models.checkpoint import CheckpointFileError
+from prismatic.models.checkpoint import CheckpointFileError, check_weight_files
 from prismatic.models.processor import DINO_MEAN, DINO_STD
 from prismatic.models.action_tokenizer import ActionTokenizer
 from prismatic.models.batching import PaddedCollator, training_example
@@ -390,3 +390,5 @@ def test_truncated_shard_is_one_clear_error_before_loading(published, tmp_path, 
         load_pretrained(damaged)
     assert isinstance(info.value, ValueError)  # the entry scripts print ValueErrors as one line
     assert str(info.value) == f"{shard} is damaged or truncated: {expected}"
+    with pytest.raises(CheckpointFileError, match=re.escape(expected)):
+        check_weight_files(damaged)  # the same check alone, for a preflight

@@ -213,6 +213,14 @@ def check_safetensors_file(path: Path) -> None:
         )
 
 
+def check_weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder, each checked against its header; cheap enough for a preflight."""
+    files = _weight_files(Path(path))
+    for f in files:
+        check_safetensors_file(f)
+    return files
+
+
 def _check_keys(expected: set[str], files: list[Path]) -> None:
     found: set[str] = set()
     for f in files:
@@ -260,9 +268,7 @@ def read_weights(path: str | Path, expected_keys: set[str], dtype: torch.dtype =
                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(in-memory name, tensor) of every weight of a checkpoint folder, one tensor at a time. The files' sizes and
     keys are checked now, by the call, before any tensor is read."""
-    files = _weight_files(Path(path))
-    for f in files:
-        check_safetensors_file(f)
+    files = check_weight_files(path)
     _check_keys(expected_keys, files)
     return (item for f in files for item in _read_shard(f, dtype, torch.device(device)))
 
