@@ -20,7 +20,8 @@ AUG_BRIGHTNESS, AUG_CONTRAST, AUG_SATURATION, AUG_HUE = 0.2, (0.8, 1.2), (0.8, 1
 
 
 def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_files: bool, seed: int):
-    """Trajectories as {image (JPEG bytes), action, proprio, instruction}, each with a leading time axis."""
+    """Trajectories as {image (JPEG bytes), action, instruction}, each with a leading time axis (no proprio: like
+    upstream's fine-tuning, training reads none)."""
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
 
@@ -29,18 +30,9 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
         if config.standardize is not None:
             traj = config.standardize(traj)
         obs = traj["observation"]
-        action = tf.cast(traj["action"], tf.float32)
-        length = tf.shape(action)[0]
-        if config.state_obs_keys:
-            columns = [tf.zeros((length, 1)) if k is None else tf.cast(obs[k], tf.float32)
-                       for k in config.state_obs_keys]
-            proprio = tf.concat(columns, axis=-1)
-        else:  # upstream's convention when a dataset has no proprio
-            proprio = tf.zeros_like(action)
         return {
             "image": obs[config.image_obs_keys["primary"]],
-            "action": action,
-            "proprio": proprio,
+            "action": tf.cast(traj["action"], tf.float32),
             "instruction": traj["language_instruction"],
         }
 
@@ -55,14 +47,13 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
 
 def _compute_statistics(builder, config: DatasetConfig) -> dict:
     """One pass over every split of the dataset (upstream uses all of it, validation included)."""
-    actions, proprio = [], []
+    actions = []
     trajectories = _read_trajectories(builder, config, "all", shuffle_files=False, seed=0)
-    trajectories = trajectories.map(lambda t: {"action": t["action"], "proprio": t["proprio"]})
+    trajectories = trajectories.map(lambda t: {"action": t["action"]})
     total = sum(split.num_examples for split in builder.info.splits.values())
     for traj in tqdm(trajectories.as_numpy_iterator(), total=total, desc=f"Statistics of {config.name}"):
         actions.append(traj["action"])
-        proprio.append(traj["proprio"])
-    return summarize(np.concatenate(actions), np.concatenate(proprio), num_trajectories=len(actions))
+    return summarize(np.concatenate(actions), num_trajectories=len(actions))
 
 
 def _split(builder, train: bool) -> str:
