@@ -102,8 +102,8 @@ def split_by_episode(frames: Iterable[dict], num_anchors: int, num_heldout: int,
             side.append(frame)
     raise ValueError(
         f"--num_heldout_anchors {num_heldout}: found only {len(train)} training and {len(heldout)} held-out anchors "
-        f"from disjoint episodes in the first {limit} frames of --data_mix {data_mix} ({len(is_heldout)} episodes "
-        "seen): the data has too few episodes for both sets; lower --num_heldout_anchors (0 = none)"
+        f"from disjoint episodes in the first {limit} frames of --data_mix {data_mix} (episodes seen: {len(is_heldout)}"
+        "): the data has too few episodes for both sets; lower --num_heldout_anchors (0 = none)"
     )
 
 
