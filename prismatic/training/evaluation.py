@@ -59,11 +59,11 @@ class Evaluator:
     """Called as `evaluator(step, epsilon)` on every process; returns the same eval row on all of them:
     {"step", "epsilon", "eval/...": float, ..., "eval_time_s"}. A metric that cannot be computed is absent."""
 
-    def __init__(self, model, *, anchor_sets: List[AnchorSet], frame_sets: List[FrameSet], loss_type: str, processor, tokenizer, action_tokenizer, collator: PaddedCollator,
-                 batch_size: int, device: torch.device, autocast: Callable = nullcontext, rank: int = 0,
-                 world_size: int = 1, notes: Iterable[str] = ()):
-        self.model, self.anchor_sets, self.frame_sets = model, anchor_sets, frame_sets
-        self.loss_type = loss_type
+    def __init__(self, model, *, anchor_sets: List[AnchorSet], frame_sets: List[FrameSet], loss_type: str,
+                 processor, tokenizer, action_tokenizer, collator: PaddedCollator, batch_size: int,
+                 device: torch.device, autocast: Callable = nullcontext, rank: int = 0, world_size: int = 1,
+                 notes: Iterable[str] = ()):
+        self.model, self.anchor_sets, self.frame_sets, self.loss_type = model, anchor_sets, frame_sets, loss_type
         self.processor, self.tokenizer, self.action_tokenizer = processor, tokenizer, action_tokenizer
         self.collator, self.batch_size, self.device, self.autocast = collator, batch_size, device, autocast
         self.rank, self.world_size = rank, world_size
@@ -132,11 +132,12 @@ class Evaluator:
                                  labels=batch["labels"])
             if not counted:
                 continue
-            m = action_metrics(out.action_logits, out.action_targets, self.action_tokenizer)
+            n_supervised = out.action_targets.numel()
             n_action = int(self.action_tokenizer.is_action(out.action_targets).sum().item())
-            values = (out.loss.item() * out.action_targets.numel(), out.action_targets.numel(),
-                      m["action_accuracy"] * n_action if n_action else 0.0, m["l1_loss"] * n_action if n_action else 0.0,
-                      n_action)
+            values = [out.loss.item() * n_supervised, n_supervised, 0.0, 0.0, n_action]
+            if n_action:  # action_metrics averages over the action tokens: back to sums
+                m = action_metrics(out.action_logits, out.action_targets, self.action_tokenizer)
+                values[2:4] = m["action_accuracy"] * n_action, m["l1_loss"] * n_action
             for i, value in enumerate(values):
                 sums[i] += value
         return sums
@@ -202,7 +203,7 @@ def build_evaluator(cfg: EvalConfig, model, *, cache: Optional[AnchorCache], los
     sets, notes = anchor_sets(cache, cfg.train_anchor_subset)
     frame_sets = [validation_frames(name, data_root_dir, mix, cfg.batches * batch_size, cfg.shuffle_buffer_size, seed)
                   for name, mix in (("val", data_mix), ("retention", cfg.retention_mix)) if mix]
-    return Evaluator(model, anchor_sets=sets, frame_sets=frame_sets, loss_type=loss_type, processor=processor, tokenizer=tokenizer,
-                     action_tokenizer=action_tokenizer, collator=PaddedCollator(tokenizer.pad_token_id, max_length),
-                     batch_size=batch_size, device=device, autocast=autocast, rank=rank, world_size=world_size,
-                     notes=notes)
+    return Evaluator(model, anchor_sets=sets, frame_sets=frame_sets, loss_type=loss_type, processor=processor,
+                     tokenizer=tokenizer, action_tokenizer=action_tokenizer,
+                     collator=PaddedCollator(tokenizer.pad_token_id, max_length), batch_size=batch_size, device=device,
+                     autocast=autocast, rank=rank, world_size=world_size, notes=notes)
