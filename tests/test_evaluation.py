@@ -17,6 +17,7 @@ from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.retention import retention_loss, retention_loss_per_anchor
 from eval_worker import BATCH_SIZE, EPSILON, VAL_BATCHES, evaluator, perturbed_model, synthetic_frames
 from launch import ROOT, child_env
+from prismatic.conf.eval import EvalConfig
 from prismatic.models import ImageProcessor, load_pretrained, save_pretrained
 from prismatic.training.anchor_builder import split_by_episode
 from prismatic.training.batches import anchor_inputs
@@ -82,6 +83,14 @@ def test_episode_split_is_disjoint_and_refuses_too_few_episodes():
     one_episode = ({"episode_id": "only", "step": s} for s in range(10_000))
     with pytest.raises(ValueError, match=r"--num_heldout_anchors 2: .*\(episodes seen: 1\)"):
         split_by_episode(one_episode, 5, 2, "mix")
+
+
+def test_eval_config_checks_numbers_and_the_retention_mix(demo):
+    EvalConfig(retention_mix="libero_90").validate(demo / "rlds")
+    with pytest.raises(ValueError, match="--eval.batches must be >= 1; found 0"):
+        EvalConfig(batches=0).validate(demo / "rlds")
+    with pytest.raises(ValueError, match=r"--eval.retention_mix libero_spatial_no_noops: .* not found"):
+        EvalConfig(retention_mix="libero_spatial_no_noops").validate(demo / "rlds")
 
 
 @pytest.mark.parametrize("loss_type", ["mse", "cosine"])
@@ -229,12 +238,15 @@ def test_eval_retention_end_to_end(demo, tmp_path, eval_retention, capsys):
     ("out_exists", "--output_dir .* already holds retention.json"),
     ("lora_only", "holds LoRA adapters only"),
     ("nan_cache", r"target_features.npy holds a non-finite value .* row 3"),
+    ("unknown_mix", r"--retention_mix libero_91: .* not a known mixture"),
 ])
 def test_eval_retention_refuses_bad_input_before_loading(demo, tmp_path, eval_retention, capsys, case, message):
     cache, ckpt, out = demo / "anchor_cache", demo / "model", tmp_path / "out"
     if case == "out_exists":
         out.mkdir()
         (out / "retention.json").write_text("{}")
+    elif case == "unknown_mix":
+        pass
     elif case == "lora_only":
         ckpt = tmp_path / "step-000010"
         ckpt.mkdir()
@@ -245,8 +257,9 @@ def test_eval_retention_refuses_bad_input_before_loading(demo, tmp_path, eval_re
         features = np.load(cache / "target_features.npy", mmap_mode="r+")
         features[3, 5] = np.nan
         features.flush()
+    extra = ["--retention_mix", "libero_91"] if case == "unknown_mix" else []
     with pytest.raises(SystemExit) as exit_info:
-        eval_retention.main(_args(demo, [ckpt], cache, out))
+        eval_retention.main(_args(demo, [ckpt], cache, out) + extra)
     assert exit_info.value.code == 2
     err = capsys.readouterr().err
     assert err.startswith("eval_retention.py: error:") and len(err.strip().splitlines()) == 1

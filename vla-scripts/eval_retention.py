@@ -89,8 +89,11 @@ def validate(cfg: RetentionEvalConfig) -> List[Path]:
             continue
         if cfg.data_root_dir is None:
             raise ValueError(f"{flag} {mix} needs --data_root_dir (the folder of RLDS datasets); found: not set")
-        resolve_mixture(mix)
-        check_data_root(cfg.data_root_dir, mix)
+        try:
+            resolve_mixture(mix)
+            check_data_root(cfg.data_root_dir, mix)
+        except (ValueError, FileNotFoundError) as e:  # the registry's message speaks of the trainer's flag
+            raise ValueError(f"{flag} {mix}: {e}") from e
     for flag, value in (("--eval_batches", cfg.eval_batches), ("--batch_size", cfg.batch_size)):
         if value < 1:
             raise ValueError(f"{flag} must be >= 1; found {value}")

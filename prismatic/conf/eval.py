@@ -23,12 +23,21 @@ class EvalConfig:
     at_start: bool = True
     during_dry_run: bool = False
 
-    def validate(self) -> None:
+    def validate(self, data_root_dir: Path) -> None:
+        """Before any model or data work: the numbers, and that the retention mix exists under the data root."""
         for flag, value, low in (("interval", self.interval, 0), ("batches", self.batches, 1),
                                  ("train_anchor_subset", self.train_anchor_subset, 0),
                                  ("shuffle_buffer_size", self.shuffle_buffer_size, 1)):
             if value < low:
                 raise ValueError(f"--eval.{flag} must be >= {low}; found {value}")
+        if self.retention_mix is not None:
+            from prismatic.vla.datasets import check_data_root, resolve_mixture
+
+            try:
+                resolve_mixture(self.retention_mix)
+                check_data_root(data_root_dir, self.retention_mix)
+            except (ValueError, FileNotFoundError) as e:
+                raise ValueError(f"--eval.retention_mix {self.retention_mix}: {e}") from e
 
 
 @dataclass
