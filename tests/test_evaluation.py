@@ -80,6 +80,8 @@ def test_episode_split_is_disjoint_and_refuses_too_few_episodes():
     train, heldout = split_by_episode(iter(frames), 30, 10, "mix")
     assert len(train) == 30 and len(heldout) == 10
     assert not {f["episode_id"] for f in train} & {f["episode_id"] for f in heldout}
+    train, heldout = split_by_episode(iter(frames), 30, 0, "mix")
+    assert len(train) == 30 and heldout == []
     one_episode = ({"episode_id": "only", "step": s} for s in range(10_000))
     with pytest.raises(ValueError, match=r"--num_heldout_anchors 2: .*\(episodes seen: 1\)"):
         split_by_episode(one_episode, 5, 2, "mix")
