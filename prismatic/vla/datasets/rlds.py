@@ -34,13 +34,15 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
             "image": obs[config.image_obs_keys["primary"]],
             "action": tf.cast(traj["action"], tf.float32),
             "instruction": traj["language_instruction"],
+            "episode_id": tf.fill([length], episode["tfds_id"]),
         }
 
     trajectories = builder.as_dataset(
         split=split,
         shuffle_files=shuffle_files,
         decoders={"steps": tfds.decode.SkipDecoding()},  # keep images as JPEG bytes
-        read_config=tfds.ReadConfig(shuffle_seed=seed, enable_ordering_guard=False),  # order is ours to choose
+        # Order is ours to choose; the tfds id ("<file>__<index>") names each episode uniquely.
+        read_config=tfds.ReadConfig(shuffle_seed=seed, enable_ordering_guard=False, add_tfds_id=True),
     )
     return trajectories.map(restructure, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
@@ -70,7 +72,8 @@ def _split(builder, train: bool) -> str:
 
 
 class RLDSStream:
-    """An endless, shuffled stream of frames {image uint8 [S,S,3], action float32 [7], instruction, dataset_name}.
+    """An endless, shuffled stream of frames {image uint8 [S,S,3], action float32 [7], instruction, dataset_name,
+    episode_id}.
 
     Iterating twice gives the same stream (everything random is seeded). With `world_size > 1`, each
     rank reads its own disjoint share of the episodes, with its rank mixed into the seed so that the
@@ -130,6 +133,7 @@ class RLDSStream:
                 "action": frame["action"].copy(),
                 "instruction": frame["instruction"].decode(),
                 "dataset_name": frame["dataset_name"].decode(),
+                "episode_id": frame["episode_id"].decode(),
             }
 
     def _dataset_frames(self, name: str):
@@ -138,7 +142,8 @@ class RLDSStream:
 
         def normalize(traj):
             action = normalize_bounds_q99(traj["action"], stats["action"], stats["action"]["mask"])
-            return {"image": traj["image"], "action": action, "instruction": traj["instruction"]}
+            return {"image": traj["image"], "action": action, "instruction": traj["instruction"],
+                    "episode_id": traj["episode_id"]}
 
         trajectories = _read_trajectories(builder, config, self._splits[name], shuffle_files=self.train,
                                           seed=self._seed).repeat()
