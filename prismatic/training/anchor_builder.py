@@ -13,10 +13,10 @@ from tqdm import tqdm
 from craft.anchor_cache import HELDOUT_DIR, AnchorCacheWriter
 from craft.config import POOLINGS, CraftConfigError
 from craft.retention import anchor_features
-from prismatic.models import ImageProcessor, VLAModelConfig, load_pretrained
+from prismatic.models import VLAModelConfig, load_pretrained
 from prismatic.training.batches import anchor_inputs
 from prismatic.training.preflight import resolve_device
-from prismatic.vla.batching import PaddedCollator, prompt_ids
+from prismatic.models.batching import PaddedCollator, prompt_ids
 from prismatic.vla.datasets import RLDSStream, check_data_root, resolve_mixture
 
 DTYPES = ("float32", "bfloat16")
@@ -114,7 +114,7 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
     device = resolve_device(cfg.device)
     model, tokenizer, model_config = load_pretrained(cfg.pretrained_checkpoint, dtype=torch.float32, device=device)
     model.eval()
-    processor = ImageProcessor(model_config)
+    processor = model.image_processor  # the checkpoint's own normalisation, as training and inference use
 
     stream = RLDSStream(cfg.data_root_dir, cfg.data_mix, train=True, shuffle_buffer_size=cfg.shuffle_buffer_size,
                         seed=cfg.seed)
@@ -129,7 +129,8 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
         "model": {"checkpoint": str(Path(cfg.pretrained_checkpoint).resolve()),
                   "vision_backbone_id": model_config.vision_backbone_id,
                   "llm_backbone_id": model_config.llm_backbone_id,
-                  "num_hidden_layers": model_config.num_hidden_layers},
+                  "num_hidden_layers": model_config.num_hidden_layers,
+                  "image_means": processor.means, "image_stds": processor.stds},
         "data": {"data_root_dir": str(Path(cfg.data_root_dir).resolve()), "data_mix": cfg.data_mix,
                  "datasets": [name for name, _ in resolve_mixture(cfg.data_mix)], "seed": cfg.seed},
     }
