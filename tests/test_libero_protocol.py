@@ -2,6 +2,7 @@
 
 import json
 import math
+from collections import deque
 
 import numpy as np
 import pytest
@@ -167,7 +168,8 @@ def test_config_errors_name_the_flag(tmp_path):
 
 def test_missing_simulator_is_named(monkeypatch):
     real = libero_env.importlib.util.find_spec
-    monkeypatch.setattr(libero_env.importlib.util, "find_spec", lambda name: None if name == "robosuite" else real(name))
+    monkeypatch.setattr(libero_env.importlib.util, "find_spec",
+                        lambda name: None if name == "robosuite" else real(name))
     with pytest.raises(libero_env.LiberoUnavailable, match=r"'robosuite'.*make libero"):
         libero_env.import_libero()
 
@@ -205,8 +207,6 @@ def test_play_batches_workers_and_logs_each_episode(tmp_path):
     cfg = LiberoEvalConfig(max_steps=3, video_episodes=[1])
     todo = [_Episode(t, e, f"task {t}") for t in (0, 1) for e in range(5)]
     log = EpisodeLog(tmp_path / "episodes.jsonl")
-    from collections import deque
-
     _play(cfg, policy, _ScriptedWorkers(3), deque(todo), log, tmp_path)
     rows = {(r["task_id"], r["episode"]): r for r in log.load()}
     assert len(rows) == 10

@@ -140,7 +140,9 @@ def evaluate(cfg: LiberoEvalConfig, policy: LiberoPolicy | None = None) -> dict[
                  if (t, e) not in played)
 
     if todo:
-        random.seed(cfg.seed), np.random.seed(cfg.seed), torch.manual_seed(cfg.seed)
+        random.seed(cfg.seed)
+        np.random.seed(cfg.seed)
+        torch.manual_seed(cfg.seed)
         policy = policy or LiberoPolicy.from_config(cfg)
         with EnvWorkers(cfg.task_suite, min(cfg.num_envs, len(todo))) as workers:
             _play(cfg, policy, workers, todo, log, out)
@@ -177,14 +179,14 @@ def _play(cfg: LiberoEvalConfig, policy, workers, todo: deque, log: EpisodeLog, 
         log.append({**row, "error": error} if error else row)
         if episode.frames:
             outcome = "success" if success else "failure"
-            save_gif(episode.frames, out / "videos" / f"task{episode.task_id:02d}_ep{episode.episode:02d}_{outcome}.gif")
+            name = f"task{episode.task_id:02d}_ep{episode.episode:02d}_{outcome}.gif"
+            save_gif(episode.frames, out / "videos" / name)
         successes += success
         bar.update(1)
         bar.set_postfix(success=f"{successes}/{bar.n} ({100 * successes / bar.n:.1f}%)")
         begin(worker)
 
     for worker in range(len(workers)):
-        running[worker] = None
         begin(worker)
     while running:
         stepping = [w for w, e in running.items() if e.started]

@@ -17,8 +17,8 @@ import numpy as np
 
 from prismatic.sim.protocol import CAMERA_SIZE, ENV_SEED, SETTLE_ACTION, SETTLE_STEPS, SUITES
 
-INSTALL_HINT = ("install the simulator with `make libero` (or `pip install -e '.[libero]'` then "
-                "`pip install --no-deps -r requirements-libero.txt`)")
+INSTALL_HINT = ("install the simulator with `make libero` (in another environment: "
+                "`pip install --no-deps -r requirements-libero.txt`), see the README")
 REQUIRED_MODULES = ("libero", "robosuite", "mujoco", "bddl", "cv2", "numba", "easydict", "gymnasium")
 RENDERER_LIBRARIES = {"egl": ("EGL", "libegl1 libegl-mesa0 libgl1-mesa-dri"), "osmesa": ("OSMesa", "libosmesa6")}
 
@@ -36,7 +36,8 @@ def missing_components() -> list[str]:
     if backend in RENDERER_LIBRARIES:
         library, packages = RENDERER_LIBRARIES[backend]
         if ctypes.util.find_library(library) is None:
-            missing.append(f"the {library} renderer library for MUJOCO_GL={backend} (Debian: apt-get install {packages})")
+            missing.append(f"the {library} renderer library for MUJOCO_GL={backend} "
+                           f"(Debian: apt-get install {packages})")
     return missing
 
 

@@ -29,7 +29,6 @@ def _serve(conn: Connection, task_suite: str) -> None:
                 if env is None or env.task_id != task_id:
                     if env is not None:
                         env.close()
-                    env = None
                     env = TaskEnv(task_suite, task_id)
                 conn.send(("frame", env.start(episode), False))
             else:
