@@ -6,10 +6,12 @@ from collections import deque
 
 import numpy as np
 import pytest
+import torch
 
-from prismatic.models import preset_config
+from prismatic.models import OpenVLA, build_tiny_tokenizer, preset_config
+from prismatic.models.predict import predict_action
 from prismatic.sim import libero_env
-from prismatic.sim.evaluate import LiberoEvalConfig, _Episode, _play
+from prismatic.sim.evaluate import LiberoEvalConfig, LiberoPolicy, _Episode, _play
 from prismatic.sim.protocol import (
     CAMERA_SIZE, ENV_SEED, MAX_STEPS, SETTLE_ACTION, SETTLE_STEPS, env_actions, policy_image, resolve_unnorm_key,
 )
@@ -217,3 +219,18 @@ def test_play_batches_workers_and_logs_each_episode(tmp_path):
     assert max(batches) == 3 and sum(batches) == 2 * (1 + 2 + 3 + 3)
     assert sorted(p.name for p in (tmp_path / "videos").iterdir()) == ["task00_ep01_success.gif",
                                                                        "task01_ep01_success.gif"]
+
+
+def test_policy_is_greedy_predict_action_on_the_protocol_image():
+    torch.manual_seed(0)
+    config = preset_config("tiny")
+    config.norm_stats = {"libero_spatial": {"action": {"q01": [-1.0] * 7, "q99": [1.0] * 7,
+                                                       "mask": [True] * 6 + [False]}}}
+    model, tokenizer = OpenVLA.from_config(config).eval(), build_tiny_tokenizer()
+    policy = LiberoPolicy(model, tokenizer, "libero_spatial", center_crop=True)
+    frames, tasks = [_frame(1), _frame(2)], ["Put the bowl on the plate", "open the drawer"]
+    actions = policy(frames, tasks)
+    expected = predict_action(model, [policy_image(f, 224, True) for f in frames], tasks, tokenizer, "libero_spatial")
+    np.testing.assert_array_equal(actions, env_actions(expected))
+    np.testing.assert_array_equal(policy(frames, tasks), actions)  # greedy: no sampling
+    assert set(actions[:, 6]) <= {-1.0, 0.0, 1.0}
