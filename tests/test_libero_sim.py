@@ -30,15 +30,23 @@ from prismatic.sim.libero_env import TaskEnv
 
 hold = np.array([0, 0, 0, 0, 0, 0, -1.0])
 env = TaskEnv("libero_spatial", 0)  # goal: (On akita_black_bowl_1 plate_1)
+# A flattened MuJoCo state is [time, qpos, qvel]. The fixed states differ by ~1 cm in where objects stand on the
+# table; settling drops them a few cm but hardly moves them sideways: compare x, y of each object.
+env.start(1)
+sim = env.env.env.sim
+names = [sim.model.joint_id2name(i) for i in range(sim.model.njnt)]
+xy = [sim.model.get_joint_qpos_addr(n)[0] + i for n in names if n.endswith("_1_joint0") for i in range(2)]
+offsets = [float(np.abs(sim.data.qpos[xy] - env.init_states[k][1:][xy]).max()) for k in (1, 0)]
 frame = env.start(0)
 before = env.step(hold)[1]
-sim = env.env.env.sim
+sim = env.env.env.sim  # a reset may build a new simulation
 bowl = sim.data.get_joint_qpos("akita_black_bowl_1_joint0").copy()
 bowl[:3] = sim.data.get_joint_qpos("plate_1_joint0")[:3] + (0.0, 0.0, 0.03)  # just above the plate: it drops on
 sim.data.set_joint_qpos("akita_black_bowl_1_joint0", bowl)
 sim.forward()
 after = [env.step(hold)[1] for _ in range(5)]
-print("RESULT", json.dumps({"shape": list(frame.shape), "dtype": str(frame.dtype), "before": before, "after": after}))
+print("RESULT", json.dumps({"shape": list(frame.shape), "dtype": str(frame.dtype), "before": before, "after": after,
+                            "offsets": offsets}))
 """
 
 
@@ -50,6 +58,8 @@ def test_success_is_the_environments_done_once_the_goal_holds():
     assert result["shape"] == [256, 256, 3] and result["dtype"] == "uint8"
     assert result["before"] is False  # the initial state does not satisfy the goal
     assert any(result["after"]), result["after"]
+    own, other = result["offsets"]  # episode i starts from the suite's fixed initial state i
+    assert own < 1e-3 < other, result["offsets"]  # measured: 4e-5 m from its own, 1.1 cm from state 0
 
 
 def test_short_evaluation_of_the_demo_checkpoint(demo, tmp_path):
