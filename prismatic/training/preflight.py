@@ -65,16 +65,16 @@ def _preflight(cfg: TrainConfig) -> Plan:
         raise ValueError(f"--vla.base_quantization {cfg.vla.base_quantization} needs the bitsandbytes package, "
                          "which is not installed (pip install bitsandbytes), or --vla.base_quantization none")
     notes: List[str] = []
-    mixture = resolve_mixture(cfg.vla.data_mix)
-    if not cfg.vla.data_mix.startswith("libero"):
-        warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
-                      "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
-    check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
     run_id = cfg.make_run_id()
     run_dir = Path(cfg.run_root_dir) / run_id
     resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
     if resume_path is not None:
         notes += check_resume_matches(resume_path, config_dict(cfg), world_size)
+    mixture = resolve_mixture(cfg.vla.data_mix)
+    if not cfg.vla.data_mix.startswith("libero"):
+        warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
+                      "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
+    check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")

@@ -58,7 +58,9 @@ def train(cfg: TrainConfig) -> List[dict]:
 
 @dataclass
 class Job:
-    """What a step, a checkpoint or an evaluation of the running job may need."""
+    """The running job: what a step, a checkpoint or an evaluation needs. An evaluation (every N steps, at
+    each checkpoint, at the end) reads the model, processor, tokenizer, `objective.action_tokenizer`,
+    `plan.cache`, `constraint.epsilon`, `plan.env` / `plan.device` and `objective.autocast()` from here."""
 
     cfg: TrainConfig
     plan: Plan
@@ -69,8 +71,11 @@ class Job:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     constraint: Optional[RetentionConstraint]  # None: the baseline (--craft.enabled false)
+    actions: ActionBatches
+    anchors: Optional[AnchorBatches]
     dataset_statistics: dict
     frames_per_step: int  # per rank
+    start: int  # steps already done (resumed)
 
     def retention_step(self, step: int) -> bool:
         """Whether `step` is a CRaFT step (else the baseline step)."""
@@ -78,11 +83,36 @@ class Job:
 
 
 def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
-    env, device = plan.env, plan.device
-    if env.is_main:
+    if plan.env.is_main:
         for note in plan.notes:
             print(f"note: {note}", flush=True)
     seed_everything(cfg.seed)
+    job = _build_job(cfg, plan)
+    dry_run = cfg.dry_run_batches > 0
+    end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
+    metrics = _open_sinks(cfg, plan, job.dataset_statistics, job.start) if plan.env.is_main and not dry_run else \
+        Metrics([ConsoleSink()] if plan.env.is_main else [])
+    records = []
+    inputs = prefetch(_step_inputs(job, end))
+    try:
+        for step in range(job.start, end):
+            record = _train_step(job, step, next(inputs))
+            metrics.log(record)
+            records.append(record)
+            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+                _save(job, step + 1)
+    finally:
+        inputs.close()
+        metrics.close()
+    if dry_run and plan.env.is_main:
+        total, trainable = parameter_counts(job.model)
+        print(dry_run_report(cfg, plan, records, total, trainable, plan.device), flush=True)
+    return records
+
+
+def _build_job(cfg: TrainConfig, plan: Plan) -> Job:
+    """Model, objective, optimizer, then the saved state when resuming, then the data from where it stopped."""
+    env, device = plan.env, plan.device
     model, tokenizer, model_config = _build_model(cfg, plan)
     # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
     mixed = cfg.vla.enable_mixed_precision_training and not env.distributed
@@ -99,45 +129,26 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
         start, frames_done = state["step"], state["frames_per_rank"]
         if constraint is not None:
             constraint.load_state_dict(state["craft"])
-    accum = plan.grad_accumulation_steps
     stream = RLDSStream(cfg.data_root_dir, cfg.vla.data_mix, train=True, shuffle_buffer_size=cfg.vla.shuffle_buffer_size,
                         image_aug=cfg.image_aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                         skip_frames=frames_done)
     processor = ImageProcessor(model_config)
-    job = Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, stream.statistics,
-              frames_per_step=cfg.vla.per_device_batch_size * accum)
     actions = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
                             PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length),
                             objective.action_tokenizer)
     anchors = AnchorBatches(plan.cache, processor, cfg.craft.anchor_batch_size, cfg.craft.anchor_seed, env.rank,
                             env.world_size) if constraint is not None else None
-    dry_run = cfg.dry_run_batches > 0
-    end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
+    return Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, actions, anchors,
+               stream.statistics, frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps,
+               start=start)
 
-    def step_inputs():
-        """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
-        for step in range(start, end):
-            yield ([next(actions) for _ in range(accum)],
-                   [anchors.draw(step * accum + k) for k in range(accum)] if anchors is not None else [])
 
-    metrics = _open_sinks(cfg, plan, stream.statistics, start) if env.is_main and not dry_run else \
-        Metrics([ConsoleSink()] if env.is_main else [])
-    records = []
-    inputs = prefetch(step_inputs())
-    try:
-        for step in range(start, end):
-            record = _train_step(job, step, next(inputs))
-            metrics.log(record)
-            records.append(record)
-            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
-                _save(job, step + 1)
-    finally:
-        inputs.close()
-        metrics.close()
-    if dry_run and env.is_main:
-        total, trainable = parameter_counts(model)
-        print(dry_run_report(cfg, plan, records, total, trainable, device), flush=True)
-    return records
+def _step_inputs(job: Job, end: int):
+    """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
+    accum = job.plan.grad_accumulation_steps
+    for step in range(job.start, end):
+        yield ([next(job.actions) for _ in range(accum)],
+               [job.anchors.draw(step * accum + k) for k in range(accum)] if job.anchors is not None else [])
 
 
 def _train_step(job: Job, step: int, inputs) -> dict:
