@@ -126,8 +126,9 @@ def load_adapters(model, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_statistics: dict, optimizer, scheduler,
-                    trainer_state: dict, train_config: dict, env: DistEnv, keep_last: Optional[int], lora_scaling: Optional[float] = None,
-                    merge_lora: bool = True, source_dir: Optional[Path] = None) -> Path:
+                    trainer_state: dict, train_config: dict, env: DistEnv, keep_last: Optional[int],
+                    lora_scaling: Optional[float] = None, merge_lora: bool = True,
+                    source_dir: Optional[Path] = None) -> Path:
     final = checkpoint_path(run_dir, step)
     partial = final.with_name(final.name + PARTIAL)
     if env.is_main:

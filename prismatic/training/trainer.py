@@ -176,8 +176,9 @@ def _save(job: Job, step: int) -> None:
     save_checkpoint(plan.run_dir, step, model=job.model, tokenizer=job.tokenizer,
                     dataset_statistics=job.dataset_statistics, optimizer=job.optimizer, scheduler=job.scheduler,
                     trainer_state=trainer_state, train_config=config_dict(cfg), env=plan.env,
-                    keep_last=cfg.keep_last_checkpoints, lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
-                    merge_lora=cfg.vla.merge_on_save, source_dir=cfg.pretrained_checkpoint)
+                    keep_last=cfg.keep_last_checkpoints, merge_lora=cfg.vla.merge_on_save,
+                    lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
+                    source_dir=cfg.pretrained_checkpoint)
 
 
 def _build_model(cfg: TrainConfig, plan: Plan):
