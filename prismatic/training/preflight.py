@@ -14,11 +14,11 @@ from typing import List, Optional
 import torch
 
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
-from prismatic.conf.train import TRACKERS, TrainConfig
+from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models.config import VLAModelConfig
 from prismatic.models.quantize import bitsandbytes_available
-from prismatic.training.checkpointing import resolve_resume
-from prismatic.training.distributed import SHARDING_STRATEGIES, DistEnv, dist_env_from_environ
+from prismatic.training.checkpointing import check_resume_matches, resolve_resume
+from prismatic.training.distributed import DistEnv, dist_env_from_environ
 from prismatic.vla.datasets import check_data_root, resolve_mixture
 
 
@@ -60,20 +60,21 @@ def preflight(cfg: TrainConfig) -> Plan:
 def _preflight(cfg: TrainConfig) -> Plan:
     env = dist_env_from_environ()
     world_size = env.world_size
-    cfg.vla.validate(world_size)
-    cfg.craft.validate()
+    cfg.validate(world_size)
     if cfg.vla.base_quantization != "none" and not bitsandbytes_available():
         raise ValueError(f"--vla.base_quantization {cfg.vla.base_quantization} needs the bitsandbytes package, "
                          "which is not installed (pip install bitsandbytes), or --vla.base_quantization none")
-    notes = []
+    notes: List[str] = []
+    run_id = cfg.make_run_id()
+    run_dir = Path(cfg.run_root_dir) / run_id
+    resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
+    if resume_path is not None:
+        notes += check_resume_matches(resume_path, config_dict(cfg), world_size)
     mixture = resolve_mixture(cfg.vla.data_mix)
     if not cfg.vla.data_mix.startswith("libero"):
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
                       "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
     check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
-    run_id = cfg.make_run_id()
-    run_dir = Path(cfg.run_root_dir) / run_id
-    resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
@@ -100,21 +101,8 @@ def _preflight(cfg: TrainConfig) -> Plan:
             notes.append(f"the anchor cache was built from {produced_by}, training starts from "
                          f"{cfg.pretrained_checkpoint}: L_ret > 0 from the first step")
 
-    for tracker in cfg.trackers:
-        if tracker not in TRACKERS:
-            raise ValueError(f"--trackers must be a subset of {list(TRACKERS)}; found {tracker!r}")
-    if cfg.save_interval < 1:
-        raise ValueError(f"--save_interval must be >= 1; found {cfg.save_interval}")
-    if cfg.keep_last_checkpoints is not None and cfg.keep_last_checkpoints < 1:
-        raise ValueError(f"--keep_last_checkpoints must be >= 1 (or null to keep all); found {cfg.keep_last_checkpoints}")
-    if cfg.sharding_strategy not in SHARDING_STRATEGIES:
-        raise ValueError(f"--sharding_strategy must be one of {list(SHARDING_STRATEGIES)}; found {cfg.sharding_strategy!r}")
     if world_size % env.local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the processes per node {env.local_world_size}")
-    if cfg.dist_timeout_s < 1:
-        raise ValueError(f"--dist_timeout_s must be >= 1; found {cfg.dist_timeout_s}")
-    if cfg.dry_run_batches < 0:
-        raise ValueError(f"--dry_run_batches must be >= 0; found {cfg.dry_run_batches}")
 
     if resume_path is None and not cfg.dry_run_batches and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
