@@ -1,7 +1,8 @@
 """The top-level `train_craft.py` configuration, one dataclass per concern.
 
 Model, LoRA, data and optimisation are `--vla.*` (prismatic/conf/vla.py), CRaFT is `--craft.*`
-(craft/config.py); run-level concerns below are joined into `TrainConfig` so their flags stay top-level
+(craft/config.py), evaluation is `--eval.*` (prismatic/conf/eval.py); run-level concerns below are joined
+into `TrainConfig` so their flags stay top-level
 (`--save_interval`, `--trackers`, ...). `RESUME_SAFE` lists the flags a resumed run may change.
 """
 
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 from craft.config import CraftConfig
+from prismatic.conf.eval import EvalConfig
 from prismatic.conf.vla import OpenVLALiberoConfig, VLAConfig
 from prismatic.training.distributed import SHARDING_STRATEGIES
 
@@ -80,10 +82,12 @@ class TrackingConfig:
 class TrainConfig(RunConfig, DistributionConfig, CheckpointConfig, TrackingConfig):
     vla: VLAConfig = field(default_factory=OpenVLALiberoConfig)
     craft: CraftConfig = field(default_factory=CraftConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
     def validate(self, world_size: int) -> None:
         self.vla.validate(world_size)
         self.craft.validate()
+        self.eval.validate(self.data_root_dir)
         self.validate_run()
         self.validate_distribution()
         self.validate_checkpointing()
@@ -106,7 +110,7 @@ RESUME_SAFE = (
     "resume_from", "run_id", "run_id_note", "run_root_dir", "dry_run_batches", "dist_timeout_s", "trackers",
     "wandb_project", "wandb_entity", "wandb_mode",
 )
-RESUME_SAFE_PREFIXES = ("eval", "craft.eval", "vla.eval")  # evaluation settings change no training step
+RESUME_SAFE_PREFIXES = ("eval.",)  # evaluation settings change no training step
 
 
 def config_dict(cfg: TrainConfig) -> dict:

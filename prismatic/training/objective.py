@@ -73,21 +73,23 @@ class Objective:
         return JointLoss(self, action, anchors)
 
     def step(self, optimizer, constraint: Optional[RetentionConstraint], actions: Sequence[dict],
-             anchors: Sequence[dict]) -> Tuple[StepResult, Dict[str, Optional[float]]]:
+             anchors: Sequence[dict], next_step: Optional[int] = None) -> Tuple[StepResult, Dict[str, Optional[float]]]:
         """One update from this rank's micro-batches: CRaFT's when a constraint is given, else the plain
-        baseline's. Returns the step's result and the mean action metrics of its micro-batches."""
+        baseline's. `next_step`: the training step of the constraint's next update (see craft.step.craft_step).
+        Returns the step's result and the mean action metrics of its micro-batches."""
         losses: List[Union[ActionLoss, JointLoss]]
+        surgery = dict(project=self.craft.conflict_projection, next_step=next_step)
         if constraint is None:
             losses = [self.action(b) for b in actions]
             result = baseline_step(self.params, optimizer, losses, self.max_grad_norm, self.collective)
         elif self.split is not None:
             losses = [self.joint(a, r) for a, r in zip(actions, anchors)]
             result = craft_step_one_pass(self.params, optimizer, constraint, [j.as_joint() for j in losses],
-                                         self.split, self.max_grad_norm, self.collective, self.stash_dtype)
+                                         self.split, self.max_grad_norm, self.collective, self.stash_dtype, **surgery)
         else:
             losses = [self.action(b) for b in actions]
             result = craft_step(self.params, optimizer, constraint, losses, [self.retention(b) for b in anchors],
-                                self.max_grad_norm, self.collective, self.stash_dtype)
+                                self.max_grad_norm, self.collective, self.stash_dtype, **surgery)
         return result, mean_action_metrics(losses)
 
     def _action_metrics(self, out) -> Dict[str, float]:

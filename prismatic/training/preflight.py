@@ -15,6 +15,7 @@ import torch
 
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
 from prismatic.conf.train import TrainConfig, config_dict
+from prismatic.models.checkpoint import check_weight_files
 from prismatic.models.config import VLAModelConfig
 from prismatic.models.quantize import bitsandbytes_available
 from prismatic.training.checkpointing import check_resume_matches, resolve_resume
@@ -78,24 +79,20 @@ def _preflight(cfg: TrainConfig) -> Plan:
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
-    model_config = _read_model_config(cfg.pretrained_checkpoint if cfg.vla.use_lora or not resume_path else resume_path)
+    weights_from = cfg.pretrained_checkpoint if cfg.vla.use_lora or not resume_path else resume_path
+    model_config = _read_model_config(weights_from)
+    check_weight_files(weights_from)  # a truncated or damaged file is named now, not deep inside the loader
     n_states = model_config.num_hidden_layers + 1
 
     cache = None
-    if cfg.craft.enabled:
-        if not -n_states <= cfg.craft.hidden_layer < n_states:
-            raise ValueError(
-                f"--craft.hidden_layer must index the model's {n_states} hidden states "
-                f"(from {-n_states} to {n_states - 1}); found {cfg.craft.hidden_layer}"
-            )
-        cache_meta = read_meta(cfg.craft.anchor_cache_dir)
-        check_cache_matches(
-            cache_meta, hidden_layer=cfg.craft.hidden_layer, pooling=cfg.craft.pooling,
-            dtype=cfg.vla.compute_dtype, hidden_dim=model_config.hidden_size,
-            anchor_batch_size=cfg.craft.anchor_batch_size, cache_dir=cfg.craft.anchor_cache_dir,
+    if cfg.craft.enabled and not -n_states <= cfg.craft.hidden_layer < n_states:
+        raise ValueError(
+            f"--craft.hidden_layer must index the model's {n_states} hidden states "
+            f"(from {-n_states} to {n_states - 1}); found {cfg.craft.hidden_layer}"
         )
-        cache = AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
-        produced_by = cache_meta.get("model", {}).get("checkpoint")
+    if cfg.craft.anchor_cache_dir is not None:  # with --craft.enabled false, the cache serves the drift evaluation
+        cache = _open_cache(cfg, model_config)
+        produced_by = cache.meta.get("model", {}).get("checkpoint")
         if produced_by and cfg.pretrained_checkpoint and \
                 Path(produced_by).resolve() != Path(cfg.pretrained_checkpoint).resolve():
             notes.append(f"the anchor cache was built from {produced_by}, training starts from "
@@ -114,6 +111,21 @@ def _preflight(cfg: TrainConfig) -> Plan:
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
         mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
     )
+
+
+def _open_cache(cfg: TrainConfig, model_config: VLAModelConfig) -> AnchorCache:
+    """The guide's cache checks against the run; a plain fine-tuning run is held only to what its drift
+    evaluation needs (the cache's own layer and pooling, this model's width and compute dtype)."""
+    meta = read_meta(cfg.craft.anchor_cache_dir)
+    craft = cfg.craft if cfg.craft.enabled else None
+    check_cache_matches(
+        meta, hidden_layer=craft.hidden_layer if craft else meta["hidden_layer"],
+        pooling=craft.pooling if craft else meta["pooling"], dtype=cfg.vla.compute_dtype,
+        hidden_dim=model_config.hidden_size, anchor_batch_size=craft.anchor_batch_size if craft else 1,
+        cache_dir=cfg.craft.anchor_cache_dir, dtype_flag="--vla.enable_mixed_precision_training",
+        model_flag="--pretrained_checkpoint",
+    )
+    return AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
 
 
 def _read_model_config(checkpoint: Path) -> VLAModelConfig:

@@ -25,9 +25,10 @@ from prismatic.models.checkpoint import read_config, read_tokenizer, read_weight
 from prismatic.training.batches import ActionBatches, AnchorBatches, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
+from prismatic.training.evaluation import Evaluator, build_evaluator
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
 from prismatic.training.distributed import init_process_group, shard_model
-from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink
+from prismatic.training.metrics import EVAL_CONSOLE_KEYS, ConsoleSink, JsonlSink, Metrics, WandbSink
 from prismatic.training.objective import Objective
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
 from prismatic.training.prefetch import prefetch
@@ -73,13 +74,27 @@ class Job:
     constraint: Optional[RetentionConstraint]  # None: the baseline (--craft.enabled false)
     actions: ActionBatches
     anchors: Optional[AnchorBatches]
+    evaluator: Optional[Evaluator]  # None: no evaluation in this run (a dry run, unless asked)
     dataset_statistics: dict
     frames_per_step: int  # per rank
     start: int  # steps already done (resumed)
 
     def retention_step(self, step: int) -> bool:
-        """Whether `step` is a CRaFT step (else the baseline step)."""
-        return self.constraint is not None
+        """Whether `step` (counted from 0) is a CRaFT step: every --craft.retention_interval-th; else the
+        baseline step."""
+        return self.constraint is not None and step % self.cfg.craft.retention_interval == 0
+
+    def evaluate(self, step: int, metrics: Metrics) -> None:
+        """Every rank evaluates its share; the budget is the schedule's at `step`, CRaFT or not, so plain
+        fine-tuning is counted against the same epsilon."""
+        epsilon = RetentionConstraint.from_config(self.cfg.craft, self.cfg.vla.max_steps).schedule(step)
+        metrics.log_eval(self.evaluator(step, epsilon))
+
+    def evaluation_due(self, steps_done: int, end: int) -> bool:
+        interval = self.cfg.eval.interval
+        return self.evaluator is not None and (
+            (interval > 0 and steps_done % interval == 0) or steps_done % self.cfg.save_interval == 0
+            or steps_done == end)
 
 
 def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
@@ -87,18 +102,22 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
         for note in plan.notes:
             print(f"note: {note}", flush=True)
     seed_everything(cfg.seed)
-    job = _build_job(cfg, plan)
     dry_run = cfg.dry_run_batches > 0
+    job = _build_job(cfg, plan, evaluate=not dry_run or cfg.eval.during_dry_run)
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
     metrics = _open_sinks(cfg, plan, job.dataset_statistics, job.start) if plan.env.is_main and not dry_run else \
-        Metrics([ConsoleSink()] if plan.env.is_main else [])
+        Metrics([ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]) if plan.env.is_main else Metrics([])
     records = []
     inputs = prefetch(_step_inputs(job, end))
     try:
+        if job.evaluator is not None and cfg.eval.at_start and job.start == 0:
+            job.evaluate(0, metrics)
         for step in range(job.start, end):
             record = _train_step(job, step, next(inputs))
             metrics.log(record)
             records.append(record)
+            if job.evaluation_due(step + 1, end):
+                job.evaluate(step + 1, metrics)
             if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
                 _save(job, step + 1)
     finally:
@@ -110,8 +129,9 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
     return records
 
 
-def _build_job(cfg: TrainConfig, plan: Plan) -> Job:
-    """Model, objective, optimizer, then the saved state when resuming, then the data from where it stopped."""
+def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
+    """Model, objective, optimizer, then the saved state when resuming, then the data from where it stopped,
+    and the evaluator."""
     env, device = plan.env, plan.device
     model, tokenizer, model_config = _build_model(cfg, plan)
     # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
@@ -132,14 +152,23 @@ def _build_job(cfg: TrainConfig, plan: Plan) -> Job:
     stream = RLDSStream(cfg.data_root_dir, cfg.vla.data_mix, train=True, shuffle_buffer_size=cfg.vla.shuffle_buffer_size,
                         image_aug=cfg.image_aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
                         skip_frames=frames_done)
-    processor = ImageProcessor(model_config)
+    processor = ImageProcessor.from_pretrained(_weights_source(cfg, plan), model_config)
     actions = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
                             PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length),
                             objective.action_tokenizer)
     anchors = AnchorBatches(plan.cache, processor, cfg.craft.anchor_batch_size, cfg.craft.anchor_seed, env.rank,
                             env.world_size) if constraint is not None else None
+    evaluator = build_evaluator(
+        cfg.eval, model, cache=plan.cache, loss_type=cfg.craft.retention_loss_type, processor=processor,
+        tokenizer=tokenizer, action_tokenizer=objective.action_tokenizer, max_length=model_config.llm_max_length,
+        data_root_dir=cfg.data_root_dir, data_mix=cfg.vla.data_mix, batch_size=cfg.vla.per_device_batch_size,
+        device=device, autocast=objective.autocast, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+    ) if evaluate else None
+    if evaluator is not None and env.is_main:
+        for note in evaluator.notes:
+            print(f"note: {note}", flush=True)
     return Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, actions, anchors,
-               stream.statistics, frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps,
+               evaluator, stream.statistics, frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps,
                start=start)
 
 
@@ -148,7 +177,7 @@ def _step_inputs(job: Job, end: int):
     accum = job.plan.grad_accumulation_steps
     for step in range(job.start, end):
         yield ([next(job.actions) for _ in range(accum)],
-               [job.anchors.draw(step * accum + k) for k in range(accum)] if job.anchors is not None else [])
+               [job.anchors.draw(step * accum + k) for k in range(accum)] if job.retention_step(step) else [])
 
 
 def _train_step(job: Job, step: int, inputs) -> dict:
@@ -158,7 +187,8 @@ def _train_step(job: Job, step: int, inputs) -> dict:
     acts, anchors = ([to_device(b, device) for b in batches] for batches in inputs)
     t_data = time.perf_counter() - t0
     constraint = job.constraint if job.retention_step(step) else None
-    result, action_metrics = job.objective.step(job.optimizer, constraint, acts, anchors)
+    result, action_metrics = job.objective.step(job.optimizer, constraint, acts, anchors,
+                                                next_step=step + job.cfg.craft.retention_interval)
     lr = job.scheduler.get_last_lr()[0]
     if not result.skipped:
         job.scheduler.step()
@@ -185,7 +215,7 @@ def _build_model(cfg: TrainConfig, plan: Plan):
     """The weights to start from (the checkpoint being resumed, or the pretrained one plus adapters), in
     train mode, sharded with several processes."""
     vla, env = cfg.vla, plan.env
-    source = plan.resume_path if plan.resume_path is not None and not vla.use_lora else cfg.pretrained_checkpoint
+    source = _weights_source(cfg, plan)
     if env.distributed and not vla.use_lora:
         return _sharded_from_rank0(source, cfg, plan)
     # A frozen LoRA base needs no fp32 master copy; FSDP keeps it fp32 and casts for compute itself.
@@ -203,6 +233,11 @@ def _build_model(cfg: TrainConfig, plan: Plan):
         apply_train_stage(model, vla.train_stage)
     _prepare_for_training(model, cfg, plan)
     return model, tokenizer, config
+
+
+def _weights_source(cfg: TrainConfig, plan: Plan):
+    """The checkpoint being resumed, or (also under LoRA, whose checkpoints hold adapters) the pretrained one."""
+    return plan.resume_path if plan.resume_path is not None and not cfg.vla.use_lora else cfg.pretrained_checkpoint
 
 
 def _prepare_for_training(model, cfg: TrainConfig, plan: Plan) -> None:
@@ -255,23 +290,35 @@ def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optiona
 
 
 def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict, start: int) -> Metrics:
-    """Rank 0's sinks. On resume, log rows past the checkpoint are moved aside, not lost."""
+    """Rank 0's sinks: step rows to metrics.jsonl, evaluation rows to eval.jsonl, both to the console and W&B.
+    On resume, rows past the checkpoint are moved aside, not lost."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(draccus.dump(cfg))
     (plan.run_dir / "dataset_statistics.json").write_text(json.dumps(dataset_statistics, indent=2))
-    log = plan.run_dir / "metrics.jsonl"
-    if start and log.exists():
-        lines = log.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= start]
-        if len(kept) < len(lines):
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            (plan.run_dir / f"metrics.superseded-{stamp}.jsonl").write_text(
-                "\n".join(line for line in lines if json.loads(line)["step"] > start) + "\n")
-            log.write_text("".join(line + "\n" for line in kept))
-    sinks = [ConsoleSink()]
+    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval")}
+    if start:
+        for log in logs.values():
+            _set_aside_rows_after(log, start)
+    sinks, eval_sinks = [ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]
     if "jsonl" in cfg.trackers:
-        sinks.append(JsonlSink(log))
+        sinks.append(JsonlSink(logs["metrics"]))
+        eval_sinks.append(JsonlSink(logs["eval"]))
     if "wandb" in cfg.trackers:
-        sinks.append(WandbSink(plan.run_dir, plan.run_id, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode,
-                               config=config_dict(cfg)))
-    return Metrics(sinks)
+        wandb = WandbSink(plan.run_dir, plan.run_id, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode,
+                          config=config_dict(cfg))
+        sinks.append(wandb)
+        eval_sinks.append(wandb)
+    return Metrics(sinks, eval_sinks)
+
+
+def _set_aside_rows_after(log, step: int) -> None:
+    """Rows of `log` past `step` go to `<name>.superseded-<time>.jsonl` beside it."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log.with_name(f"{log.stem}.superseded-{stamp}.jsonl").write_text(
+            "\n".join(line for line in lines if json.loads(line)["step"] > step) + "\n")
+        log.write_text("".join(line + "\n" for line in kept))
