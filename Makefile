@@ -47,6 +47,7 @@ demo: install
 	  --vla.learning_rate 1e-3 \
 	  --vla.max_steps 40 \
 	  --vla.shuffle_buffer_size 2000 \
+	  --eval.interval 10 \
 	  --run_root_dir runs --run_id $(RUN_ID)
 	@echo "metrics: runs/$(RUN_ID)/metrics.jsonl"
 	$(PY) vla-scripts/plot_run.py runs/$(RUN_ID) --projection_window 10 --out runs/$(RUN_ID)/dashboard.png
