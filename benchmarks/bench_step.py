@@ -68,7 +68,7 @@ from typing import Optional
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, base_record, cpu_description, median, release_host_memory, run_cli  # noqa: E402
 
-import prismatic  # noqa: E402,F401  (before timm: installs the torchvision import guard)
+import prismatic.models  # noqa: E402,F401  (before timm: installs the torchvision import guard)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402

@@ -16,7 +16,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-import prismatic  # noqa: F401  (torchvision guard before timm)
+import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.config import CraftConfig
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint
 from craft.step import accumulate
