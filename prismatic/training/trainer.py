@@ -319,6 +319,6 @@ def _set_aside_rows_after(log, step: int) -> None:
     kept = [line for line in lines if json.loads(line)["step"] <= step]
     if len(kept) < len(lines):
         stamp = time.strftime("%Y%m%d-%H%M%S")
-        log.with_name(f"{log.stem}.superseded-{stamp}.jsonl").write_text(
-            "\n".join(line for line in lines if json.loads(line)["step"] > step) + "\n")
+        with open(log.with_name(f"{log.stem}.superseded-{stamp}.jsonl"), "a", encoding="utf-8") as aside:
+            aside.write("".join(line + "\n" for line in lines if json.loads(line)["step"] > step))
         log.write_text("".join(line + "\n" for line in kept))
