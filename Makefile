@@ -27,9 +27,10 @@ $(VENV)/.libero-installed: requirements-libero.txt $(VENV)/.installed
 libero: $(VENV)/.libero-installed
 
 # Synthetic LIBERO-90 data, a tiny random checkpoint and its anchor cache, then a short CRaFT run
-# with the user's flags; logs go to runs/$(RUN_ID)/metrics.jsonl.
+# with the user's flags; logs go to runs/$(RUN_ID)/metrics.jsonl. It computes in float32, the fast path on
+# CPUs (bf16 autocast measured 1.3-1.7x slower per step; benchmarks/RESULTS.md).
 demo: install
-	$(PY) vla-scripts/make_demo_assets.py --out $(DEMO)
+	$(PY) vla-scripts/make_demo_assets.py --out $(DEMO) --dtype float32
 	$(VENV)/bin/torchrun --standalone --nnodes 1 --nproc-per-node 1 vla-scripts/train_craft.py \
 	  --pretrained_checkpoint $(DEMO)/model \
 	  --data_root_dir $(DEMO)/rlds \
@@ -43,6 +44,7 @@ demo: install
 	  --craft.epsilon 0.001 \
 	  --craft.lambda_lr 50 \
 	  --craft.anchor_batch_size 4 \
+	  --vla.enable_mixed_precision_training false \
 	  --vla.per_device_batch_size 8 \
 	  --vla.learning_rate 1e-3 \
 	  --vla.max_steps 40 \

@@ -4,6 +4,7 @@
 Existing assets are kept (`force=True` rebuilds them).
 """
 
+import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +26,9 @@ class DemoAssetsConfig:
     steps_per_episode: int = 25
     num_anchors: int = 64
     num_heldout_anchors: int = 8
-    dtype: str = "bfloat16"  # the compute dtype of the demo run (mixed precision on, as by default)
+    # The compute dtype of the run the cache serves: "bfloat16" for mixed precision (the trainer's default),
+    # "float32" for `make demo`, which runs on CPUs where float32 is the faster path (benchmarks/RESULTS.md).
+    dtype: str = "bfloat16"
     seed: int = 0
     force: bool = False
 
@@ -50,12 +53,16 @@ def make_demo_assets(cfg: DemoAssetsConfig) -> None:
         save_pretrained(OpenVLA.from_config(preset_config("tiny")), model_dir, tokenizer=build_tiny_tokenizer())
         print(f"wrote a tiny randomly initialised OpenVLA checkpoint to {model_dir}")
 
-    if (cache / "meta.json").exists():
+    built_in = json.loads((cache / "meta.json").read_text())["dtype"] if (cache / "meta.json").exists() else None
+    if built_in == cfg.dtype:
         print(f"keeping {cache}")
     else:
+        if built_in is not None:
+            print(f"rebuilding {cache}: its features were computed in {built_in}, the demo computes in {cfg.dtype}")
         cache_cfg = AnchorCacheConfig(pretrained_checkpoint=model_dir, data_root_dir=rlds, data_mix="libero_90",
                                       output_dir=cache, num_anchors=cfg.num_anchors,
                                       num_heldout_anchors=cfg.num_heldout_anchors, dtype=cfg.dtype,
-                                      device="cpu", seed=cfg.seed, shuffle_buffer_size=1000)
+                                      device="cpu", seed=cfg.seed, shuffle_buffer_size=1000,
+                                      overwrite=built_in is not None)
         cache_cfg.validate()
         build_anchor_cache(cache_cfg)
