@@ -94,4 +94,9 @@ def test_one_pass_run_matches_two_pass_run(demo, tmp_path, nproc):
     for a, b in zip(rows["two_pass"], rows["one_pass"]):
         assert a["projection"] == b["projection"]
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "grad_norm"):
+            if key == "grad_cos" and a["L_ret"] == 0.0:
+                # Step 1: the model still equals the cache's, so g_ret is 0 in the separate anchor pass (grad_cos 0
+                # by definition) and rounding-level in the joint batch, whose direction is noise; its size is not.
+                assert b["L_ret"] < 1e-9 and abs(b["grad_dot"]) < 1e-6, b
+                continue
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)

@@ -43,3 +43,12 @@ def quantize_base(model: nn.Module, kind: str, compute_dtype: torch.dtype) -> in
         parent = model.get_submodule(parent_name)
         setattr(parent, child, _quantized(getattr(parent, child), kind, compute_dtype))
     return len(names)
+
+
+def keep_quantized_in_train_mode(model: nn.Module) -> None:
+    """After `model.eval()`: bitsandbytes' 4-bit layers repack their weights in place for CPU inference when
+    they run in eval mode without gradients (and cannot for layers narrower than a quantization block), which
+    would change the base that training continues on. They have no dropout, so train mode computes the same."""
+    for module in model.modules():
+        if type(module).__name__ == "Linear4bit":
+            module.train()

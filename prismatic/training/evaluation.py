@@ -22,9 +22,10 @@ import torch.nn.functional as F
 from craft.anchor_cache import AnchorCache
 from craft.retention import anchor_features, retention_loss_per_anchor
 from prismatic.conf.eval import EvalConfig
+from prismatic.models.batching import PaddedCollator
+from prismatic.models.quantize import keep_quantized_in_train_mode
 from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
 from prismatic.training.metrics import action_metrics
-from prismatic.vla.batching import PaddedCollator
 
 DRIFT_SUMS = ("L_ret", "over_eps", "cos", "count")
 ACTION_SUMS = ("ce", "supervised", "accuracy", "l1", "action_tokens")
@@ -74,6 +75,7 @@ class Evaluator:
         t0 = time.perf_counter()
         was_training = self.model.training
         self.model.eval()
+        keep_quantized_in_train_mode(self.model)
         try:
             sums = [self._drift_sums(s, epsilon) for s in self.anchor_sets]
             sums += [self._action_sums(s) for s in self.frame_sets]
