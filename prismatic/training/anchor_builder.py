@@ -32,7 +32,7 @@ class AnchorCacheConfig:
     output_dir: Optional[Path] = None
     num_anchors: int = 512
     # Anchors from episodes disjoint from the training anchors' ones, stored in <output_dir>/heldout/ for
-    # evaluation only. Default (null): 10% of --num_anchors, at least 1; 0 = none.
+    # evaluation only. Default (null): a tenth of --num_anchors, at least 1; 0 = none.
     num_heldout_anchors: Optional[int] = None
     hidden_layer: int = -2
     pooling: str = "mean_image_tokens"
