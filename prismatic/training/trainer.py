@@ -59,9 +59,8 @@ def train(cfg: TrainConfig) -> List[dict]:
 
 @dataclass
 class Job:
-    """The running job: what a step, a checkpoint or an evaluation needs. An evaluation (every N steps, at
-    each checkpoint, at the end) reads the model, processor, tokenizer, `objective.action_tokenizer`,
-    `plan.cache`, `constraint.epsilon`, `plan.env` / `plan.device` and `objective.autocast()` from here."""
+    """The running job: what a step, a checkpoint or an evaluation (at the start, every --eval.interval steps,
+    at each checkpoint and at the end) needs."""
 
     cfg: TrainConfig
     plan: Plan
