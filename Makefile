@@ -40,6 +40,7 @@ demo: install
 	  --vla.shuffle_buffer_size 2000 \
 	  --run_root_dir runs --run_id $(RUN_ID)
 	@echo "metrics: runs/$(RUN_ID)/metrics.jsonl"
+	$(PY) vla-scripts/plot_run.py runs/$(RUN_ID) --projection_window 10 --out runs/$(RUN_ID)/dashboard.png
 
 test: install
 	$(PY) -m pytest -q

@@ -7,6 +7,9 @@ Layout of a cache folder:
     attention_mask.npy   bool    [N, L]
     target_features.npy  float32 [N, D]         pooled hidden state of the pretrained model
     instructions.json    the N instructions, for people reading the cache
+    episodes.json        the episode each anchor was taken from (caches built since held-out sets exist)
+    heldout/             optional: an anchor cache of the same format from episodes disjoint from these
+                         anchors' episodes; training never draws from it, evaluation measures drift on it
 """
 
 import json
@@ -30,6 +33,8 @@ ARRAYS = {
 }
 META_KEYS = ("format_version", "num_anchors", "hidden_dim", "hidden_layer", "pooling", "dtype", "shapes")
 LARGE_ANCHOR_BATCH = 64
+HELDOUT_DIR = "heldout"
+FINITE_CHECK_ROWS = 4096  # rows of target_features checked per read when a cache is opened
 
 
 class AnchorCacheError(CraftConfigError):
@@ -63,15 +68,31 @@ class AnchorCacheWriter:
         }
         self.num_anchors, self.hidden_dim, self.filled = num_anchors, hidden_dim, 0
         self.instructions: List[str] = []
+        self.episode_ids: List[str] = []
 
-    def append(self, rows: Dict[str, np.ndarray], instructions: List[str]) -> None:
+    def append(self, rows: Dict[str, np.ndarray], instructions: List[str],
+               episode_ids: Optional[List[str]] = None) -> None:
         n = len(instructions)
         if self.filled + n > self.num_anchors:
             raise ValueError(f"anchor cache holds {self.num_anchors} anchors; got {self.filled + n}")
+        bad = first_nonfinite_row(np.asarray(rows["target_features"]))
+        if bad is not None:
+            self.discard()
+            raise AnchorCacheError(
+                f"anchor cache {self.out_dir}: the model produced a non-finite target feature (NaN or inf) for "
+                f"anchor {self.filled + bad} (row {self.filled + bad} of target_features.npy, instruction "
+                f"{instructions[bad]!r}); nothing was written. Check the model weights and the compute dtype"
+            )
         for name, arr in self.arrays.items():
             arr[self.filled : self.filled + n] = rows[name]
         self.instructions.extend(instructions)
+        self.episode_ids.extend(episode_ids or [])
         self.filled += n
+
+    def discard(self) -> None:
+        """Drops the unfinished cache; the output folder is left as it was."""
+        self.arrays.clear()
+        shutil.rmtree(self.tmp_dir, ignore_errors=True)
 
     def close(self, meta: dict) -> Path:
         if self.filled != self.num_anchors:
@@ -89,6 +110,10 @@ class AnchorCacheWriter:
         if missing:
             raise ValueError(f"anchor cache meta is missing {missing}")
         (self.tmp_dir / "instructions.json").write_text(json.dumps(self.instructions, indent=0))
+        if self.episode_ids:
+            if len(self.episode_ids) != self.num_anchors:
+                raise ValueError(f"anchor cache got {len(self.episode_ids)} episode ids for {self.num_anchors} anchors")
+            (self.tmp_dir / "episodes.json").write_text(json.dumps(self.episode_ids, indent=0))
         (self.tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True))
         self.arrays.clear()
         if self.out_dir.exists():
@@ -137,7 +162,32 @@ class AnchorCache:
                 f"anchor cache {path}: arrays disagree with meta.json (num_anchors={n}, hidden_dim={d}); "
                 f"found shapes { {k: a.shape for k, a in arrays.items()} }"
             )
+        bad = first_nonfinite_row(arrays["target_features"])
+        if bad is not None:
+            raise AnchorCacheError(
+                f"anchor cache file {path / 'target_features.npy'} holds a non-finite value (NaN or inf) in row "
+                f"{bad}; every drift against it would be NaN: rebuild the cache"
+            )
         return cls(path=path, meta=meta, arrays=arrays)
+
+    def heldout(self) -> Optional["AnchorCache"]:
+        """The held-out anchors, or None for a cache built without them (see `heldout_note`)."""
+        if "heldout" not in self.meta:
+            return None
+        return AnchorCache.open(self.path / HELDOUT_DIR)
+
+    @property
+    def heldout_note(self) -> Optional[str]:
+        """Why held-out drift cannot be measured, for the caller to print; None when it can."""
+        if "heldout" in self.meta:
+            return None
+        return (f"the anchor cache {self.path} has no held-out anchors (built before they existed, or without "
+                "them): held-out drift metrics are not computed; rebuild the cache to get them")
+
+    def episode_ids(self) -> Optional[List[str]]:
+        """The episode of each anchor, when the cache recorded it."""
+        f = self.path / "episodes.json"
+        return json.loads(f.read_text()) if f.is_file() else None
 
     def batch(self, indices: np.ndarray) -> Dict[str, np.ndarray]:
         """Rows `indices` of every array, copied out of the memory map."""
@@ -146,6 +196,15 @@ class AnchorCache:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(len(order))
         return {name: r[inverse] for name, r in rows.items()}
+
+
+def first_nonfinite_row(features: np.ndarray) -> Optional[int]:
+    """Index of the first row holding NaN or inf, read in blocks so a large memory map is never loaded whole."""
+    for start in range(0, features.shape[0], FINITE_CHECK_ROWS):
+        finite = np.isfinite(features[start : start + FINITE_CHECK_ROWS]).all(axis=1)
+        if not finite.all():
+            return start + int(np.argmin(finite))
+    return None
 
 
 def read_meta(path: Path) -> dict:
@@ -175,8 +234,12 @@ def read_meta(path: Path) -> dict:
 
 
 def check_cache_matches(meta: dict, *, hidden_layer: int, pooling: str, dtype: str, hidden_dim: int,
-                        anchor_batch_size: int, cache_dir: Optional[Path] = None) -> None:
-    """The guide's checklist: the cache must describe the features this run will compute."""
+                        anchor_batch_size: int, cache_dir: Optional[Path] = None, dtype_flag: Optional[str] = None,
+                        model_flag: Optional[str] = None) -> None:
+    """The guide's checklist: the cache must describe the features this run will compute.
+
+    `dtype_flag` and `model_flag` name the caller's settings that chose the compute dtype and the model, so
+    the message can point at them."""
     where = f"the anchor cache {cache_dir}" if cache_dir else "the anchor cache"
     for flag, found, cached in (
         ("--craft.hidden_layer", hidden_layer, meta["hidden_layer"]),
@@ -189,13 +252,13 @@ def check_cache_matches(meta: dict, *, hidden_layer: int, pooling: str, dtype: s
             )
     if dtype != meta["dtype"]:
         raise CraftConfigError(
-            f"training computes in {dtype} (--vla.enable_mixed_precision_training) but {where} "
-            f"holds features computed in {meta['dtype']}; rebuild the cache with --dtype {dtype}"
+            f"training computes in {dtype}{_named(dtype_flag)} but {where} holds features computed in "
+            f"{meta['dtype']}; rebuild the cache in {dtype}"
         )
     if hidden_dim != meta["hidden_dim"]:
         raise CraftConfigError(
             f"{where} holds target_features of width {meta['hidden_dim']} but the model's hidden size "
-            f"is {hidden_dim} (--pretrained_checkpoint): build the cache from this model"
+            f"is {hidden_dim}{_named(model_flag)}: build the cache from this model"
         )
     n = meta["num_anchors"]
     if anchor_batch_size > n:
@@ -207,6 +270,10 @@ def check_cache_matches(meta: dict, *, hidden_layer: int, pooling: str, dtype: s
             f"--craft.anchor_batch_size {anchor_batch_size} is large: each step runs that many extra "
             "samples per device; start small (4-16) and raise it once training is stable"
         )
+
+
+def _named(flag: Optional[str]) -> str:
+    return f" ({flag})" if flag else ""
 
 
 def anchor_indices(step: int, batch_size: int, num_anchors: int, seed: int, rank: int = 0,

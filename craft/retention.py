@@ -47,3 +47,14 @@ def retention_loss(features: torch.Tensor, targets: torch.Tensor, loss_type: str
     if loss_type == "cosine":
         return (1.0 - F.cosine_similarity(features, targets, dim=-1)).mean()
     raise ValueError(f"retention_loss_type must be one of {list(RETENTION_LOSS_TYPES)}; found {loss_type!r}")
+
+
+def retention_loss_per_anchor(features: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
+    """[B] drift of each anchor on its own; the batch mean is `retention_loss`. Evaluation needs the per-anchor
+    view to count anchors over the budget."""
+    features, targets = features.float(), targets.float()
+    if loss_type == "mse":
+        return (features - targets).pow(2).mean(dim=-1)
+    if loss_type == "cosine":
+        return 1.0 - F.cosine_similarity(features, targets, dim=-1)
+    raise ValueError(f"retention_loss_type must be one of {list(RETENTION_LOSS_TYPES)}; found {loss_type!r}")

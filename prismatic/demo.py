@@ -1,4 +1,5 @@
-"""The demo assets: a synthetic LIBERO-90 RLDS dataset, a tiny random OpenVLA checkpoint, its anchor cache.
+"""The demo assets: a synthetic LIBERO-90 RLDS dataset, a tiny random OpenVLA checkpoint, its anchor cache
+(with held-out anchors from other episodes).
 
 Existing assets are kept (`force=True` rebuilds them).
 """
@@ -23,6 +24,7 @@ class DemoAssetsConfig:
     episodes_per_task: int = 6
     steps_per_episode: int = 25
     num_anchors: int = 64
+    num_heldout_anchors: int = 8
     dtype: str = "bfloat16"  # the compute dtype of the demo run (mixed precision on, as by default)
     seed: int = 0
     force: bool = False
@@ -52,7 +54,8 @@ def make_demo_assets(cfg: DemoAssetsConfig) -> None:
         print(f"keeping {cache}")
     else:
         cache_cfg = AnchorCacheConfig(pretrained_checkpoint=model_dir, data_root_dir=rlds, data_mix="libero_90",
-                                      output_dir=cache, num_anchors=cfg.num_anchors, dtype=cfg.dtype,
+                                      output_dir=cache, num_anchors=cfg.num_anchors,
+                                      num_heldout_anchors=cfg.num_heldout_anchors, dtype=cfg.dtype,
                                       device="cpu", seed=cfg.seed, shuffle_buffer_size=1000)
         cache_cfg.validate()
         build_anchor_cache(cache_cfg)

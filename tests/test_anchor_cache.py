@@ -84,13 +84,43 @@ def _check(**overrides):
 @pytest.mark.parametrize("override,pattern", [
     ({"hidden_layer": -1}, r"--craft.hidden_layer is -1 but the anchor cache was built with -2"),
     ({"pooling": "last_token"}, r"--craft.pooling is 'last_token' but the anchor cache was built with 'mean_image_tokens'"),
-    ({"dtype": "float32"}, r"training computes in float32 .* features computed in bfloat16"),
-    ({"hidden_dim": 4096}, r"target_features of width 64 but the model's hidden size is 4096"),
+    ({"dtype": "float32"}, r"training computes in float32 but .* features computed in bfloat16"),
+    ({"hidden_dim": 4096}, r"target_features of width 64 but the model's hidden size is 4096:"),
+    ({"dtype": "float32", "dtype_flag": "--mixed"}, r"training computes in float32 \(--mixed\) but"),
+    ({"hidden_dim": 4096, "model_flag": "--model"}, r"the model's hidden size is 4096 \(--model\)"),
     ({"anchor_batch_size": 17}, r"--craft.anchor_batch_size is 17 but the anchor cache holds only 16 anchors"),
 ])
 def test_mismatches_name_flag_expected_and_found(override, pattern):
     with pytest.raises(CraftConfigError, match=pattern):
         _check(**override)
+
+
+def test_non_finite_target_is_refused_when_built_and_when_opened(tmp_path):
+    rows = _rows(np.random.default_rng(2), 4)
+    rows["target_features"][2, 1] = np.inf
+    writer = AnchorCacheWriter(tmp_path / "built", 10, (8, 8, 3), 5, 6)
+    writer.append({k: v[:4] for k, v in _rows(np.random.default_rng(1), 4).items()}, ["a"] * 4)
+    with pytest.raises(AnchorCacheError, match=r"non-finite target feature .* anchor 6 \(row 6 of target_features.npy"):
+        writer.append(rows, [f"task {i}" for i in range(4)])
+    assert not (tmp_path / "built").exists() and not (tmp_path / "built.partial").exists()
+
+    _write(tmp_path / "cache")
+    features = np.load(tmp_path / "cache" / "target_features.npy", mmap_mode="r+")
+    features[7, 0] = np.nan
+    features[9, 3] = np.nan
+    features.flush()
+    with pytest.raises(AnchorCacheError, match=r"target_features.npy holds a non-finite value \(NaN or inf\) in row 7;"):
+        AnchorCache.open(tmp_path / "cache")
+
+
+def test_first_nonfinite_row_reads_in_blocks(monkeypatch):
+    import craft.anchor_cache as ac
+
+    monkeypatch.setattr(ac, "FINITE_CHECK_ROWS", 3)
+    features = np.zeros((10, 2), dtype=np.float32)
+    assert ac.first_nonfinite_row(features) is None
+    features[[8, 4], 1] = [np.nan, -np.inf]
+    assert ac.first_nonfinite_row(features) == 4
 
 
 def test_matching_cache_passes():

@@ -24,7 +24,7 @@ CONFIG_KEYS = {
     "model_type", "vision_backbone_id", "llm_backbone_id", "arch_specifier", "use_fused_vision_backbone",
     "image_resize_strategy", "timm_model_ids", "timm_override_act_layers", "image_sizes", "hf_llm_id",
     "llm_max_length", "pad_token_id", "pad_to_multiple_of", "output_projector_states", "n_action_bins", "norm_stats",
-    "torch_dtype", "text_config", "auto_map", "architectures",
+    "torch_dtype", "text_config", "auto_map", "architectures", "transformers_version",
 }  # fmt: skip
 STATS = {"libero_spatial": {"action": {"q01": np.array([-0.5] * 7), "q99": [0.5] * 7, "mask": [True] * 6 + [False]}}}
 
@@ -86,7 +86,7 @@ def test_sharded_round_trip(model, tmp_path):
 
 def test_bfloat16_single_file(model, tmp_path):
     out = save_pretrained(model, tmp_path / "bf16", dtype=torch.bfloat16)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "preprocessor_config.json"]
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     loaded, tokenizer, _ = load_pretrained(out, dtype=torch.float32)
     assert tokenizer is None

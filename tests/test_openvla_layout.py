@@ -4,10 +4,12 @@ loads, trains one step, saves in the same layout and reloads to identical logits
 import hashlib
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -20,8 +22,10 @@ from prismatic.models import (
     load_pretrained,
     save_pretrained,
 )
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator, training_example
+from prismatic.models.checkpoint import CheckpointFileError, check_weight_files
+from prismatic.models.processor import DINO_MEAN, DINO_STD
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator, training_example
 
 NORM_STATS = {
     "bridge_orig": {
@@ -75,6 +79,33 @@ CONFIG = {
     "transformers_version": "4.40.1",
     "use_fused_vision_backbone": True,
     "vision_backbone_id": "dinosiglip-vit-so-224px",
+}
+# openvla-7b's preprocessor_config.json. Upstream's processor applies `tvf_normalize_params`, whose DINO entry
+# holds the bfloat16-rounded ImageNet statistics; `means`/`stds` keep the float32 values and are not applied.
+BF16_DINO_MEAN = [0.484375, 0.455078125, 0.40625]
+BF16_DINO_STD = [0.228515625, 0.2236328125, 0.224609375]
+_RESIZE = {"antialias": True, "interpolation": 3, "max_size": None, "size": [224, 224]}
+RELEASED_PREPROCESSOR = {
+    "auto_map": {
+        "AutoImageProcessor": "processing_prismatic.PrismaticImageProcessor",
+        "AutoProcessor": "processing_prismatic.PrismaticProcessor",
+    },
+    "image_processor_type": "PrismaticImageProcessor",
+    "image_resize_strategy": "resize-naive",
+    "input_sizes": [[3, 224, 224], [3, 224, 224]],
+    "interpolations": ["bicubic", "bicubic"],
+    "means": [[0.485, 0.456, 0.406], [0.5, 0.5, 0.5]],
+    "processor_class": "PrismaticProcessor",
+    "stds": [[0.229, 0.224, 0.225], [0.5, 0.5, 0.5]],
+    "tvf_crop_params": [{"output_size": [224, 224]}, {"output_size": [224, 224]}],
+    "tvf_do_letterbox": False,
+    "tvf_letterbox_fill": None,
+    "tvf_normalize_params": [
+        {"inplace": False, "mean": BF16_DINO_MEAN, "std": BF16_DINO_STD},
+        {"inplace": False, "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]},
+    ],
+    "tvf_resize_params": [_RESIZE, _RESIZE],
+    "use_fused_vision_backbone": True,
 }
 # Names as in the published index (LayerScale as `scale_factor`, projector fc1..fc3, Llama under language_model).
 SAMPLE_WEIGHT_NAMES = {
@@ -161,7 +192,7 @@ def _write_openvla_folder(folder) -> dict[str, torch.Tensor]:
     _write_tokenizer_files(folder)
     for name in REMOTE_CODE:
         (folder / name).write_text(f'raise RuntimeError("{name} must never be imported")\n')
-    (folder / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "PrismaticImageProcessor"}))
+    (folder / "preprocessor_config.json").write_text(json.dumps(RELEASED_PREPROCESSOR, indent=2))
     (folder / "generation_config.json").write_text(json.dumps({"bos_token_id": 1, "eos_token_id": 2}))
     return tensors
 
@@ -239,8 +270,11 @@ def test_load_train_save_reload(published, tmp_path):
     assert set(config_out) == set(config_in)
     assert config_out["text_config"] == config_in["text_config"]  # the partial diff is kept as is
     assert config_out["norm_stats"] == new_stats == json.loads((out / "dataset_statistics.json").read_text())
-    assert {k: v for k, v in config_out.items() if k != "norm_stats"} == {
-        k: v for k, v in config_in.items() if k != "norm_stats"
+    # Like Hugging Face's save_pretrained: the writing transformers' version, not the one read in.
+    assert config_out["transformers_version"] == transformers.__version__
+    rewritten = ("norm_stats", "transformers_version")
+    assert {k: v for k, v in config_out.items() if k not in rewritten} == {
+        k: v for k, v in config_in.items() if k not in rewritten
     }
 
     reloaded, reloaded_tokenizer, reloaded_config = load_pretrained(out, dtype=torch.bfloat16)
@@ -258,3 +292,103 @@ def test_float32_load_of_bfloat16_folder(published):
     model, _, _ = load_pretrained(folder)
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert torch.equal(model.projector.fc1.weight, stored["projector.fc1.weight"].float())
+
+
+def test_released_preprocessor_applies_bfloat16_dino_statistics(published):
+    """The bfloat16-rounded numbers are what upstream applies: pixels match a float64 computation with them, and
+    differ from the float32 statistics' by up to ~0.008 in the DINO channels only."""
+    folder, _ = published
+    assert BF16_DINO_MEAN == torch.tensor(DINO_MEAN).to(torch.bfloat16).tolist()  # the fact, independently
+    assert BF16_DINO_STD == torch.tensor(DINO_STD).to(torch.bfloat16).tolist()
+    model, _, config = load_pretrained(folder)
+    processor = model.image_processor
+    assert processor.means == [BF16_DINO_MEAN, [0.5] * 3] and processor.stds == [BF16_DINO_STD, [0.5] * 3]
+    assert ImageProcessor.from_pretrained(folder).means == processor.means  # config.json read when not given
+
+    image = np.random.default_rng(1).integers(0, 256, size=(224, 224, 3), dtype=np.uint8)
+    scaled = image.transpose(2, 0, 1).astype(np.float64) / 255
+    mean = np.array(BF16_DINO_MEAN + [0.5] * 3)[:, None, None]
+    std = np.array(BF16_DINO_STD + [0.5] * 3)[:, None, None]
+    expected = (np.concatenate([scaled, scaled]) - mean) / std
+    pixels = processor(image)
+    np.testing.assert_allclose(pixels.numpy(), expected, rtol=0, atol=2e-6)
+    gap = (pixels - ImageProcessor(config)(image)).abs().amax(dim=(1, 2))
+    assert 0.005 < gap[:3].max() < 0.009 and gap[3:].max() == 0
+
+
+def _tensors(processor):
+    images = np.random.default_rng(2).integers(0, 256, size=(2, 60, 90, 3), dtype=np.uint8)
+    return processor(images)
+
+
+@pytest.mark.parametrize("strategy", ["resize-naive", "letterbox"])
+def test_written_preprocessor_config_round_trips(tmp_path, strategy):
+    config = VLAModelConfig.from_dict({**CONFIG, "image_resize_strategy": strategy})
+    model = OpenVLA.from_config(config)
+    default = save_pretrained(model, tmp_path / "default")
+    loaded = ImageProcessor.from_pretrained(default, config)
+    assert loaded.means == [list(DINO_MEAN), [0.5] * 3] and loaded.to_dict() == model.image_processor.to_dict()
+    assert torch.equal(_tensors(loaded), _tensors(ImageProcessor(config)))
+
+    bf16 = ImageProcessor(config, means=[BF16_DINO_MEAN, [0.5] * 3], stds=[BF16_DINO_STD, [0.5] * 3])
+    out = save_pretrained(model, tmp_path / "bf16", processor=bf16)
+    written = json.loads((out / "preprocessor_config.json").read_text())
+    assert written["tvf_normalize_params"][0] == {"inplace": False, "mean": BF16_DINO_MEAN, "std": BF16_DINO_STD}
+    assert written["tvf_do_letterbox"] == (strategy == "letterbox")
+    reloaded, _, _ = load_pretrained(out)
+    assert reloaded.image_processor.to_dict() == bf16.to_dict()
+    assert torch.equal(_tensors(reloaded.image_processor), _tensors(bf16))
+    if strategy == "resize-naive":  # the released file's layout, key for key
+        assert set(written) == set(RELEASED_PREPROCESSOR)
+        assert {k: v for k, v in written.items() if k not in ("means", "stds", "tvf_normalize_params")} == {
+            k: v for k, v in RELEASED_PREPROCESSOR.items() if k not in ("means", "stds", "tvf_normalize_params")
+        }
+
+
+def test_bad_preprocessor_config_names_the_file(tmp_path):
+    config = VLAModelConfig.from_dict(CONFIG)
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps({"image_processor_type": "PrismaticImageProcessor"}))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json is not an OpenVLA image processor config.*"
+                                         r"tvf_normalize_params"):
+        ImageProcessor.from_pretrained(tmp_path, config)
+    letterbox = {**RELEASED_PREPROCESSOR, "image_resize_strategy": "letterbox"}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(letterbox))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json \(image_resize_strategy 'letterbox'.*"
+                                         r"disagrees with the model config \(image_resize_strategy 'resize-naive'"):
+        ImageProcessor.from_pretrained(tmp_path, config)
+    one_backbone = {**RELEASED_PREPROCESSOR, "tvf_normalize_params": RELEASED_PREPROCESSOR["tvf_normalize_params"][:1]}
+    (tmp_path / "preprocessor_config.json").write_text(json.dumps(one_backbone))
+    with pytest.raises(ValueError, match=r"preprocessor_config\.json: tvf_normalize_params: expected 3 means"):
+        ImageProcessor.from_pretrained(tmp_path, config)
+
+
+def _header_and_data_bytes(path):
+    raw = path.read_bytes()
+    header_len = int.from_bytes(raw[:8], "little")
+    return header_len, len(raw) - 8 - header_len
+
+
+@pytest.mark.parametrize("cut", ["data", "header", "length"])
+def test_truncated_shard_is_one_clear_error_before_loading(published, tmp_path, monkeypatch, cut):
+    folder, _ = published
+    damaged = shutil.copytree(folder, tmp_path / "damaged")
+    shard = damaged / "model-00002-of-00003.safetensors"
+    header_len, data_bytes = _header_and_data_bytes(shard)
+    keep = {"data": 8 + header_len + data_bytes - 1000, "header": 8 + header_len // 2, "length": 5}[cut]
+    shard.write_bytes(shard.read_bytes()[:keep])
+    expected = {
+        "data": f"expected {data_bytes} bytes of tensor data per its header, found {data_bytes - 1000}",
+        "header": f"its safetensors header announces {header_len} bytes of header, but only {header_len // 2} bytes follow",
+        "length": "5 bytes, shorter than the 8-byte safetensors header length",
+    }[cut]
+
+    def never(*args, **kwargs):
+        raise AssertionError("tensors were read from a damaged checkpoint")
+
+    monkeypatch.setattr("prismatic.models.checkpoint._read_shard", never)
+    with pytest.raises(CheckpointFileError) as info:
+        load_pretrained(damaged)
+    assert isinstance(info.value, ValueError)  # the entry scripts print ValueErrors as one line
+    assert str(info.value) == f"{shard} is damaged or truncated: {expected}"
+    with pytest.raises(CheckpointFileError, match=re.escape(expected)):
+        check_weight_files(damaged)  # the same check alone, for a preflight

@@ -8,8 +8,9 @@ import torch
 
 import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import ImageProcessor, OpenVLA, build_tiny_tokenizer, preset_config
+from prismatic.models import predict
+from prismatic.models.batching import SPACE_TOKEN_ID, prompt_ids
 from prismatic.models.predict import greedy_action_ids
-from prismatic.vla.batching import SPACE_TOKEN_ID, prompt_ids
 
 NORM_STATS = {
     "bridge_orig": {
@@ -110,3 +111,17 @@ def test_unnorm_key_errors(model, tokenizer, images):
     single.config.norm_stats = None
     with pytest.raises(ValueError, match="no norm_stats"):
         single.predict_action(images[:1], INSTRUCTIONS[:1], tokenizer)
+
+
+def test_default_processor_is_the_models_own(model, tokenizer, images, monkeypatch):
+    """A loaded checkpoint's processor (its preprocessor_config.json) is the one predictions use by default."""
+    seen = []
+    monkeypatch.setattr(predict, "greedy_action_ids", lambda m, pixels, prompts, n: seen.append(pixels) or
+                        torch.full((len(prompts), n), 31800))  # fmt: skip
+    own = ImageProcessor(model.config, means=[[0.4, 0.5, 0.6], [0.5] * 3], stds=[[0.2, 0.3, 0.25], [0.5] * 3])
+    monkeypatch.setattr(model, "image_processor", own)
+    model.predict_action(images, INSTRUCTIONS, tokenizer, unnorm_key="bridge_orig")
+    model.predict_action(images, INSTRUCTIONS, tokenizer, unnorm_key="bridge_orig", processor=own)
+    model.predict_action(images, INSTRUCTIONS, tokenizer, unnorm_key="bridge_orig",
+                         processor=ImageProcessor(model.config))  # fmt: skip
+    assert torch.equal(seen[0], seen[1]) and not torch.equal(seen[0], seen[2])

@@ -93,7 +93,9 @@ def test_statistics_match_numpy_and_upstream_format(root, raw_actions):
     np.testing.assert_allclose(stats["action"]["q01"], np.quantile(std, 0.01, axis=0), atol=1e-6)
     np.testing.assert_allclose(stats["action"]["q99"], np.quantile(std, 0.99, axis=0), atol=1e-6)
     assert stats["action"]["mask"] == [True] * 6 + [False]
-    assert len(stats["proprio"]["mean"]) == 9  # EEF_state 6 + zero column + gripper_state 2
+    # Upstream fine-tuning loads no proprio and writes the statistics of zeros of the action's width (7).
+    zeros = [0.0] * 7
+    assert stats["proprio"] == {k: zeros for k in ("mean", "std", "max", "min", "q01", "q99")}
     assert stats["num_transitions"] == 60 and stats["num_trajectories"] == 6
     json.dumps(stats)  # ready for run_dir/dataset_statistics.json
 
@@ -110,6 +112,13 @@ def test_statistics_are_cached_next_to_the_dataset(root, monkeypatch):
     monkeypatch.setattr(rlds, "_compute_statistics", fail)
     assert _stream(root).statistics == first
     assert cached[0].stat().st_mtime_ns == mtime
+
+
+def test_statistics_cached_in_another_layout_are_not_reused(root, monkeypatch):
+    builder_dir = root / NAME / "1.0.0"
+    filename = statistics.statistics_filename(builder_dir, DATASETS[NAME])
+    monkeypatch.setattr(statistics, "STATISTICS_LAYOUT", "proprio = LIBERO state")
+    assert statistics.statistics_filename(builder_dir, DATASETS[NAME]) != filename
 
 
 def test_statistics_fall_back_to_user_cache_when_dataset_dir_is_read_only(tmp_path, monkeypatch):

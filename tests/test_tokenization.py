@@ -5,9 +5,8 @@ import pytest
 import torch
 
 from prismatic.models import build_tiny_tokenizer
-from prismatic.models.vla import IGNORE_INDEX
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_text, training_example
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import IGNORE_INDEX, SPACE_TOKEN_ID, PaddedCollator, prompt_text, training_example
 
 
 @pytest.fixture(scope="module")

@@ -3,6 +3,9 @@
     python vla-scripts/build_anchor_cache.py --pretrained_checkpoint <OPENVLA_CKPT> \
       --data_root_dir <RLDS_ROOT> --data_mix libero_90 --output_dir <ANCHOR_CACHE_DIR> \
       --num_anchors 512 --hidden_layer -2 --pooling mean_image_tokens --dtype bfloat16
+
+Also writes <ANCHOR_CACHE_DIR>/heldout/: `--num_heldout_anchors` (default 10% of --num_anchors; 0 = none) anchors
+from episodes disjoint from the training anchors' episodes, which training never draws and evaluation measures.
 """
 
 import sys

@@ -3,8 +3,9 @@
 On disk, timm's LayerScale parameters are named `ls{1,2}.scale_factor` (the HF export renames `gamma`, which old
 transformers versions rewrite to `weight` while loading); in memory they keep timm's `gamma`. Saving goes
 through a temporary folder renamed at the end, so an interrupted save never leaves a half-written checkpoint.
-Loading builds the model on the meta device and assigns the tensors shard by shard, each cast as it is read,
-so peak memory is one model copy plus one tensor as stored.
+Loading first checks every weight file's size against its safetensors header (a copy cut short fails at once,
+naming the file), then builds the model on the meta device and assigns the tensors shard by shard, each cast as
+it is read, so peak memory is one model copy plus one tensor as stored.
 """
 
 from __future__ import annotations
@@ -19,10 +20,12 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
+import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
 from prismatic.models.config import VLAModelConfig
+from prismatic.models.processor import PREPROCESSOR_NAME, ImageProcessor
 from prismatic.models.tokenizer import load_tokenizer
 from prismatic.models.vla import OpenVLA
 
@@ -37,7 +40,7 @@ CARRIED_FILES = (
     "configuration_prismatic.py",
     "modeling_prismatic.py",
     "processing_prismatic.py",
-    "preprocessor_config.json",
+    PREPROCESSOR_NAME,
     "generation_config.json",
     "added_tokens.json",
     "special_tokens_map.json",
@@ -45,6 +48,12 @@ CARRIED_FILES = (
 )
 # Hugging Face's "7GB" (decimal), as in OpenVLA's export: a bfloat16 7B model lands in the published 3 shards.
 DEFAULT_MAX_SHARD_BYTES = 7 * 10**9
+# A safetensors file: an 8-byte little-endian header length, the JSON header, then the tensor data.
+SAFETENSORS_PREFIX_BYTES = 8
+
+
+class CheckpointFileError(ValueError):
+    """A checkpoint file that is damaged or does not match what loading it needs."""
 
 
 def to_disk_name(key: str) -> str:
@@ -114,6 +123,7 @@ def save_pretrained(
     overwrite: bool = False,
     source_dir: str | Path | None = None,
     state_dict: dict | None = None,
+    processor: ImageProcessor | None = None,
 ) -> Path:
     """Write a checkpoint folder in the openvla-7b layout.
 
@@ -121,6 +131,8 @@ def save_pretrained(
     `dtype` casts floating weights (torch.bfloat16 as published). `source_dir`, the checkpoint the model was loaded
     from, contributes its `CARRIED_FILES`, so the result also loads with OpenVLA's own (remote-code) classes.
     `state_dict` replaces `model.state_dict()`, e.g. the full weights gathered from a sharded (FSDP) model.
+    `processor` is written as preprocessor_config.json; by default the source checkpoint's file is carried
+    unchanged, or, without one, the model's own `image_processor` is written.
     """
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
@@ -133,15 +145,20 @@ def save_pretrained(
         config = model.config.to_dict()
         if dataset_statistics is not None:
             config["norm_stats"] = dataset_statistics
+        config["transformers_version"] = transformers.__version__  # as Hugging Face's save_pretrained writes
         if config["norm_stats"] is not None:
             _write_json(tmp / STATS_NAME, config["norm_stats"])
         weights = model.state_dict() if state_dict is None else state_dict
         config["torch_dtype"] = _write_weights(weights, tmp, max_shard_size_bytes, dtype)
         _write_json(tmp / CONFIG_NAME, config, sort_keys=True)
+        if processor is not None:
+            processor.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if source_dir is not None:
             _carry_files(Path(source_dir), tmp)
+        if not (tmp / PREPROCESSOR_NAME).is_file():
+            model.image_processor.save_pretrained(tmp)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         if out.is_dir():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
@@ -170,6 +187,40 @@ def _weight_files(folder: Path) -> list[Path]:
     raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHTS_NAME} or {INDEX_NAME}; found {found}")
 
 
+def check_safetensors_file(path: Path) -> None:
+    """Raise CheckpointFileError unless `path` is as long as its own header says: catches a truncated download
+    or copy before any tensor is read."""
+    size = path.stat().st_size
+    damaged = f"{path} is damaged or truncated"
+    if size < SAFETENSORS_PREFIX_BYTES:
+        raise CheckpointFileError(f"{damaged}: {size} bytes, shorter than the 8-byte safetensors header length")
+    with open(path, "rb") as f:
+        header_len = int.from_bytes(f.read(SAFETENSORS_PREFIX_BYTES), "little")
+        if header_len > size - SAFETENSORS_PREFIX_BYTES:
+            raise CheckpointFileError(
+                f"{damaged}: its safetensors header announces {header_len} bytes of header, but only "
+                f"{size - SAFETENSORS_PREFIX_BYTES} bytes follow"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+            data_bytes = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+        except (ValueError, KeyError, TypeError, IndexError, AttributeError) as e:
+            raise CheckpointFileError(f"{damaged}: its safetensors header is unreadable ({e})") from None
+    found = size - SAFETENSORS_PREFIX_BYTES - header_len
+    if found != data_bytes:
+        raise CheckpointFileError(
+            f"{damaged}: expected {data_bytes} bytes of tensor data per its header, found {found}"
+        )
+
+
+def check_weight_files(path: str | Path) -> list[Path]:
+    """The weight files of a checkpoint folder, each checked against its header; cheap enough for a preflight."""
+    files = _weight_files(Path(path))
+    for f in files:
+        check_safetensors_file(f)
+    return files
+
+
 def _check_keys(expected: set[str], files: list[Path]) -> None:
     found: set[str] = set()
     for f in files:
@@ -177,7 +228,7 @@ def _check_keys(expected: set[str], files: list[Path]) -> None:
             found.update(from_disk_name(k) for k in reader.keys())
     missing, unexpected = sorted(expected - found), sorted(found - expected)
     if missing or unexpected:
-        raise ValueError(
+        raise CheckpointFileError(
             f"checkpoint weights do not match the model built from config.json: "
             f"{len(missing)} missing {missing[:20]}, {len(unexpected)} unexpected {unexpected[:20]}"
         )
@@ -215,11 +266,11 @@ def read_config(path: str | Path) -> VLAModelConfig:
 
 def read_weights(path: str | Path, expected_keys: set[str], dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
-    """(in-memory name, tensor) of every weight of a checkpoint folder, one tensor at a time, keys checked first."""
-    files = _weight_files(Path(path))
+    """(in-memory name, tensor) of every weight of a checkpoint folder, one tensor at a time. The files' sizes and
+    keys are checked now, by the call, before any tensor is read."""
+    files = check_weight_files(path)
     _check_keys(expected_keys, files)
-    for f in files:
-        yield from _read_shard(f, dtype, torch.device(device))
+    return (item for f in files for item in _read_shard(f, dtype, torch.device(device)))
 
 
 def read_tokenizer(path: str | Path):
@@ -234,12 +285,15 @@ def load_pretrained(
     """(model in eval mode, tokenizer or None if the folder has none, config) from a checkpoint folder.
 
     Floating weights are cast to `dtype`; the model is built on the meta device and each tensor is assigned as it
-    is read, so peak host memory is about one model copy.
+    is read, so peak host memory is about one model copy. `model.image_processor` is the folder's own
+    (preprocessor_config.json), so predictions normalise images as the checkpoint prescribes.
     """
     config = read_config(path)
+    processor = ImageProcessor.from_pretrained(path, config)
     device = torch.device(device)
     with torch.device("meta"):
         model = OpenVLA.from_config(config)
+    model.image_processor = processor
     weights = read_weights(path, set(model.state_dict()), dtype, device)
     for name, tensor in weights:
         model.load_state_dict({name: tensor}, strict=False, assign=True)

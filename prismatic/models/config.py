@@ -2,8 +2,8 @@
 
 Keeping the exact field names lets a real `config.json` be read, and ours be read by Hugging Face code.
 `architectures` and `auto_map` name OpenVLA's remote-code classes, which is how HF tooling recognises the
-folder. Keys we do not model (`transformers_version`, ...) are kept in `extra` and written back unchanged, so
-a real file round-trips.
+folder. Keys we do not model are kept in `extra` and written back unchanged, so a real file round-trips; only
+`transformers_version` is rewritten on save, to the installed version, as Hugging Face does.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@ from typing import TYPE_CHECKING, Any, Sequence
 import numpy as np
 import torch
 
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
 from prismatic.models.processor import ImageProcessor
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
 
 if TYPE_CHECKING:
     from prismatic.models.vla import OpenVLA
@@ -85,14 +85,15 @@ def predict_action(
     """Actions [B, action_dim] in the units of dataset `unnorm_key`, one row per (image, instruction).
 
     `images`: uint8 [B, H, W, 3] or a list of uint8 [H, W, 3] arrays / PIL images; a single image goes with a
-    single instruction string. The prompt is OpenVLA's, ending "Out:" + "▁" (29871).
+    single instruction string. The prompt is OpenVLA's, ending "Out:" + "▁" (29871). `processor` defaults to
+    the model's own (the checkpoint's preprocessor_config.json when the model was loaded from one).
     """
     if isinstance(instructions, str):
         images, instructions = [images], [instructions]
     if len(images) != len(instructions):
         raise ValueError(f"got {len(images)} images for {len(instructions)} instructions")
     stats = action_stats(model.config.norm_stats, unnorm_key)
-    pixel_values = (processor or ImageProcessor(model.config))(images)
+    pixel_values = (processor or model.image_processor)(images)
     prompts = [prompt_ids(tokenizer, text) + [SPACE_TOKEN_ID] for text in instructions]
     token_ids = greedy_action_ids(model, pixel_values, prompts, n=len(stats["q01"]))
     action_tokenizer = ActionTokenizer(n_bins=model.config.n_action_bins, vocab_size=model.config.base_vocab_size)

@@ -17,11 +17,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from transformers import LlamaForCausalLM
 
+from prismatic.models.batching import IGNORE_INDEX
 from prismatic.models.config import VLAModelConfig
+from prismatic.models.predict import predict_action
+from prismatic.models.processor import ImageProcessor
 from prismatic.models.projector import FusedMLPProjector
 from prismatic.models.vision import FusedVisionBackbone
-
-IGNORE_INDEX = -100
 
 
 def _splice(text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -49,6 +50,8 @@ class OpenVLA(nn.Module):
         llm_config = config.llama_config()
         self.projector = FusedMLPProjector(self.vision_backbone.embed_dim, llm_config.hidden_size)
         self.language_model = LlamaForCausalLM(llm_config)
+        # How this model's images are prepared; load_pretrained installs the checkpoint's own.
+        self.image_processor = ImageProcessor(config)
 
     @classmethod
     def from_config(cls, config: VLAModelConfig) -> OpenVLA:
@@ -164,8 +167,6 @@ class OpenVLA(nn.Module):
 
     def predict_action(self, images, instructions, tokenizer, unnorm_key: str | None = None, processor=None):
         """Greedy-decoded, un-normalised actions [B, action_dim]; see `prismatic.models.predict.predict_action`."""
-        from prismatic.models.predict import predict_action  # deferred: prismatic.vla.batching imports this module
-
         return predict_action(self, images, instructions, tokenizer, unnorm_key, processor)
 
     def hidden_states(

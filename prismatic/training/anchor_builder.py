@@ -1,26 +1,27 @@
 """Builds the anchor cache offline from the pretrained model: inputs and pooled target features."""
 
-import itertools
 import json
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterable, List, Optional, Tuple
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from craft.anchor_cache import AnchorCacheWriter
+from craft.anchor_cache import HELDOUT_DIR, AnchorCacheWriter
 from craft.config import POOLINGS, CraftConfigError
 from craft.retention import anchor_features
-from prismatic.models import ImageProcessor, VLAModelConfig, load_pretrained
+from prismatic.models import VLAModelConfig, load_pretrained
 from prismatic.training.batches import anchor_inputs
 from prismatic.training.preflight import resolve_device
-from prismatic.vla.batching import PaddedCollator, prompt_ids
+from prismatic.models.batching import PaddedCollator, prompt_ids
 from prismatic.vla.datasets import RLDSStream, check_data_root, resolve_mixture
 
 DTYPES = ("float32", "bfloat16")
+HELDOUT_SHARE = 0.1  # default held-out anchors, as a share of --num_anchors
+FRAMES_PER_ANCHOR_LIMIT = 100  # frames read per wanted anchor before giving up on the episode split
 
 
 @dataclass
@@ -30,6 +31,9 @@ class AnchorCacheConfig:
     data_mix: str = "libero_90"  # any registered mixture
     output_dir: Optional[Path] = None
     num_anchors: int = 512
+    # Anchors from episodes disjoint from the training anchors' ones, stored in <output_dir>/heldout/ for
+    # evaluation only. Default (null): 10% of --num_anchors, at least 1; 0 = none.
+    num_heldout_anchors: Optional[int] = None
     hidden_layer: int = -2
     pooling: str = "mean_image_tokens"
     dtype: str = "bfloat16"  # the training compute dtype (bf16 with --vla.enable_mixed_precision_training)
@@ -60,8 +64,47 @@ class AnchorCacheConfig:
             raise ValueError(f"--dtype must be one of {list(DTYPES)}; found {self.dtype!r}")
         if self.num_anchors < 1 or self.batch_size < 1:
             raise ValueError(f"--num_anchors and --batch_size must be >= 1; found {self.num_anchors}, {self.batch_size}")
+        if self.num_heldout_anchors is not None and self.num_heldout_anchors < 0:
+            raise ValueError(f"--num_heldout_anchors must be >= 0 (or null for 10% of --num_anchors); found "
+                             f"{self.num_heldout_anchors}")
         resolve_mixture(self.data_mix)
         check_data_root(self.data_root_dir, self.data_mix)
+
+    @property
+    def heldout_anchors(self) -> int:
+        if self.num_heldout_anchors is not None:
+            return self.num_heldout_anchors
+        return max(1, round(HELDOUT_SHARE * self.num_anchors))
+
+
+def split_by_episode(frames: Iterable[dict], num_anchors: int, num_heldout: int, data_mix: str
+                     ) -> Tuple[List[dict], List[dict]]:
+    """(training anchors, held-out anchors) from a frame stream, no episode giving frames to both.
+
+    Each newly seen episode joins the held-out side while that side holds fewer than its share of the
+    episodes seen (and still needs anchors); its frames then go to that side only, until the side is full.
+    """
+    share = num_heldout / (num_anchors + num_heldout)
+    train, heldout, is_heldout = [], [], {}
+    limit = FRAMES_PER_ANCHOR_LIMIT * (num_anchors + num_heldout)
+    for seen, frame in enumerate(frames):
+        if len(train) == num_anchors and len(heldout) == num_heldout:
+            return train, heldout
+        if seen == limit:
+            break
+        episode = frame["episode_id"]
+        if episode not in is_heldout:
+            held_episodes = sum(is_heldout.values())
+            is_heldout[episode] = len(heldout) < num_heldout and (
+                len(train) == num_anchors or held_episodes < share * (len(is_heldout) + 1))
+        side, size = (heldout, num_heldout) if is_heldout[episode] else (train, num_anchors)
+        if len(side) < size:
+            side.append(frame)
+    raise ValueError(
+        f"--num_heldout_anchors {num_heldout}: found only {len(train)} training and {len(heldout)} held-out anchors "
+        f"from disjoint episodes in the first {limit} frames of --data_mix {data_mix} (episodes seen: {len(is_heldout)}"
+        "): the data has too few episodes for both sets; lower --num_heldout_anchors (0 = none)"
+    )
 
 
 @torch.no_grad()
@@ -71,40 +114,57 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
     device = resolve_device(cfg.device)
     model, tokenizer, model_config = load_pretrained(cfg.pretrained_checkpoint, dtype=torch.float32, device=device)
     model.eval()
-    processor = ImageProcessor(model_config)
+    processor = model.image_processor  # the checkpoint's own normalisation, as training and inference use
 
     stream = RLDSStream(cfg.data_root_dir, cfg.data_mix, train=True, shuffle_buffer_size=cfg.shuffle_buffer_size,
                         seed=cfg.seed)
-    frames = list(itertools.islice(iter(stream), cfg.num_anchors))
-    prompts = [prompt_ids(tokenizer, f["instruction"]) for f in frames]
-    collated = PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length)(prompts)
-    writer = AnchorCacheWriter(cfg.output_dir, cfg.num_anchors, frames[0]["image"].shape,
-                               collated["input_ids"].shape[1], model_config.hidden_size, overwrite=cfg.overwrite)
+    frames, heldout = split_by_episode(iter(stream), cfg.num_anchors, cfg.heldout_anchors, cfg.data_mix)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
-    for start in tqdm(range(0, cfg.num_anchors, cfg.batch_size), desc="anchor features", unit="batch"):
-        sl = slice(start, start + cfg.batch_size)
-        rows = {
-            "images": np.stack([f["image"] for f in frames[sl]]),
-            "input_ids": collated["input_ids"][sl].numpy().astype(np.int32),
-            "attention_mask": collated["attention_mask"][sl].numpy(),
-        }
-        batch = {k: v.to(device) for k, v in anchor_inputs(rows, processor).items()}
-        with autocast:
-            features = anchor_features(model, batch, cfg.hidden_layer, cfg.pooling)
-        writer.append({**rows, "target_features": features.cpu().numpy()}, [f["instruction"] for f in frames[sl]])
     meta = {
         "hidden_layer": cfg.hidden_layer,
         "pooling": cfg.pooling,
         "dtype": cfg.dtype,
         "retention_mode": "hidden",
+        "num_episodes": len({f["episode_id"] for f in frames}),
         "model": {"checkpoint": str(Path(cfg.pretrained_checkpoint).resolve()),
                   "vision_backbone_id": model_config.vision_backbone_id,
                   "llm_backbone_id": model_config.llm_backbone_id,
-                  "num_hidden_layers": model_config.num_hidden_layers},
+                  "num_hidden_layers": model_config.num_hidden_layers,
+                  "image_means": processor.means, "image_stds": processor.stds},
         "data": {"data_root_dir": str(Path(cfg.data_root_dir).resolve()), "data_mix": cfg.data_mix,
                  "datasets": [name for name, _ in resolve_mixture(cfg.data_mix)], "seed": cfg.seed},
     }
+
+    def fill(out_dir: Path, anchors: List[dict], overwrite: bool, desc: str) -> AnchorCacheWriter:
+        prompts = [prompt_ids(tokenizer, f["instruction"]) for f in anchors]
+        collated = PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length)(prompts)
+        writer = AnchorCacheWriter(out_dir, len(anchors), anchors[0]["image"].shape, collated["input_ids"].shape[1],
+                                   model_config.hidden_size, overwrite=overwrite)
+        for start in tqdm(range(0, len(anchors), cfg.batch_size), desc=desc, unit="batch"):
+            sl = slice(start, start + cfg.batch_size)
+            rows = {
+                "images": np.stack([f["image"] for f in anchors[sl]]),
+                "input_ids": collated["input_ids"][sl].numpy().astype(np.int32),
+                "attention_mask": collated["attention_mask"][sl].numpy(),
+            }
+            batch = {k: v.to(device) for k, v in anchor_inputs(rows, processor).items()}
+            with autocast:
+                features = anchor_features(model, batch, cfg.hidden_layer, cfg.pooling)
+            writer.append({**rows, "target_features": features.cpu().numpy()}, [f["instruction"] for f in anchors[sl]],
+                          [f["episode_id"] for f in anchors[sl]])
+        return writer
+
+    writer = fill(Path(cfg.output_dir), frames, cfg.overwrite, "anchor features")
+    if heldout:  # written inside the unpublished folder, so both sets appear together or not at all
+        held_meta = {**meta, "role": "heldout", "num_episodes": len({f["episode_id"] for f in heldout})}
+        try:
+            fill(writer.tmp_dir / HELDOUT_DIR, heldout, False, "held-out anchor features").close(held_meta)
+        except BaseException:
+            writer.discard()
+            raise
+        meta["heldout"] = {"dir": HELDOUT_DIR, "num_anchors": len(heldout), "num_episodes": held_meta["num_episodes"],
+                           "episodes": "disjoint from the training anchors' episodes"}
     out = writer.close(meta)
-    print(json.dumps({"anchor_cache": str(out), "num_anchors": cfg.num_anchors,
+    print(json.dumps({"anchor_cache": str(out), "num_anchors": cfg.num_anchors, "num_heldout_anchors": len(heldout),
                       "hidden_dim": model_config.hidden_size}), flush=True)
     return out

@@ -20,7 +20,8 @@ AUG_BRIGHTNESS, AUG_CONTRAST, AUG_SATURATION, AUG_HUE = 0.2, (0.8, 1.2), (0.8, 1
 
 
 def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_files: bool, seed: int):
-    """Trajectories as {image (JPEG bytes), action, proprio, instruction}, each with a leading time axis."""
+    """Trajectories as {image (JPEG bytes), action, instruction}, each with a leading time axis (no proprio: like
+    upstream's fine-tuning, training reads none)."""
     tf = import_tensorflow()
     import tensorflow_datasets as tfds
 
@@ -29,40 +30,32 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
         if config.standardize is not None:
             traj = config.standardize(traj)
         obs = traj["observation"]
-        action = tf.cast(traj["action"], tf.float32)
-        length = tf.shape(action)[0]
-        if config.state_obs_keys:
-            columns = [tf.zeros((length, 1)) if k is None else tf.cast(obs[k], tf.float32)
-                       for k in config.state_obs_keys]
-            proprio = tf.concat(columns, axis=-1)
-        else:  # upstream's convention when a dataset has no proprio
-            proprio = tf.zeros_like(action)
         return {
             "image": obs[config.image_obs_keys["primary"]],
-            "action": action,
-            "proprio": proprio,
+            "action": tf.cast(traj["action"], tf.float32),
             "instruction": traj["language_instruction"],
+            "episode_id": tf.fill([length], episode["tfds_id"]),
         }
 
     trajectories = builder.as_dataset(
         split=split,
         shuffle_files=shuffle_files,
         decoders={"steps": tfds.decode.SkipDecoding()},  # keep images as JPEG bytes
-        read_config=tfds.ReadConfig(shuffle_seed=seed, enable_ordering_guard=False),  # order is ours to choose
+        # Order is ours to choose; the tfds id ("<file>__<index>") names each episode uniquely.
+        read_config=tfds.ReadConfig(shuffle_seed=seed, enable_ordering_guard=False, add_tfds_id=True),
     )
     return trajectories.map(restructure, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
 
 
 def _compute_statistics(builder, config: DatasetConfig) -> dict:
     """One pass over every split of the dataset (upstream uses all of it, validation included)."""
-    actions, proprio = [], []
+    actions = []
     trajectories = _read_trajectories(builder, config, "all", shuffle_files=False, seed=0)
-    trajectories = trajectories.map(lambda t: {"action": t["action"], "proprio": t["proprio"]})
+    trajectories = trajectories.map(lambda t: {"action": t["action"]})
     total = sum(split.num_examples for split in builder.info.splits.values())
     for traj in tqdm(trajectories.as_numpy_iterator(), total=total, desc=f"Statistics of {config.name}"):
         actions.append(traj["action"])
-        proprio.append(traj["proprio"])
-    return summarize(np.concatenate(actions), np.concatenate(proprio), num_trajectories=len(actions))
+    return summarize(np.concatenate(actions), num_trajectories=len(actions))
 
 
 def _split(builder, train: bool) -> str:
@@ -79,7 +72,8 @@ def _split(builder, train: bool) -> str:
 
 
 class RLDSStream:
-    """An endless, shuffled stream of frames {image uint8 [S,S,3], action float32 [7], instruction, dataset_name}.
+    """An endless, shuffled stream of frames {image uint8 [S,S,3], action float32 [7], instruction, dataset_name,
+    episode_id}.
 
     Iterating twice gives the same stream (everything random is seeded). With `world_size > 1`, each
     rank reads its own disjoint share of the episodes, with its rank mixed into the seed so that the
@@ -139,6 +133,7 @@ class RLDSStream:
                 "action": frame["action"].copy(),
                 "instruction": frame["instruction"].decode(),
                 "dataset_name": frame["dataset_name"].decode(),
+                "episode_id": frame["episode_id"].decode(),
             }
 
     def _dataset_frames(self, name: str):
@@ -147,7 +142,8 @@ class RLDSStream:
 
         def normalize(traj):
             action = normalize_bounds_q99(traj["action"], stats["action"], stats["action"]["mask"])
-            return {"image": traj["image"], "action": action, "instruction": traj["instruction"]}
+            return {"image": traj["image"], "action": action, "instruction": traj["instruction"],
+                    "episode_id": traj["episode_id"]}
 
         trajectories = _read_trajectories(builder, config, self._splits[name], shuffle_files=self.train,
                                           seed=self._seed).repeat()

@@ -1,9 +1,12 @@
-"""Action/proprio statistics for normalisation: computed once over a whole dataset, then cached.
+"""Action statistics for normalisation: computed once over a whole dataset, then cached.
 
 The cache file sits next to the dataset, named by a hash of the dataset's `dataset_info.json` and of
-what changes the numbers (the standardize function's source and the proprio keys), so a changed
-dataset or transform never reuses stale numbers. The format is upstream OpenVLA's
+what changes the numbers (the standardize function's source, the proprio keys, the layout below), so a
+changed dataset or transform never reuses stale numbers. The format is upstream OpenVLA's
 `dataset_statistics.json` entry, which the exported model's `norm_stats` and inference rely on.
+
+Like upstream's fine-tuning, training reads no proprioception, so the `proprio` entry holds the statistics
+of zeros of the action's width (all 0), exactly as upstream writes them.
 """
 
 import hashlib
@@ -22,9 +25,11 @@ from prismatic.vla.datasets.registry import DatasetConfig
 log = logging.getLogger(__name__)
 
 FALLBACK_CACHE_DIR = Path("~/.cache/prismatic").expanduser()
+# Part of the cache key: files cached with another layout (an earlier one held LIBERO-state proprio) are not reused.
+STATISTICS_LAYOUT = "proprio = zeros of the action width"
 
 
-def summarize(actions: np.ndarray, proprio: np.ndarray, num_trajectories: int) -> dict:
+def summarize(actions: np.ndarray, num_trajectories: int) -> dict:
     """Statistics of all frames, as lists so they serialise to JSON unchanged."""
 
     def stats(x: np.ndarray) -> dict:
@@ -40,7 +45,7 @@ def summarize(actions: np.ndarray, proprio: np.ndarray, num_trajectories: int) -
 
     return {
         "action": stats(actions),
-        "proprio": stats(proprio),
+        "proprio": stats(np.zeros_like(actions)),
         "num_transitions": int(len(actions)),
         "num_trajectories": int(num_trajectories),
     }
@@ -56,6 +61,7 @@ def statistics_filename(builder_dir, config: DatasetConfig) -> str:
     digest.update((Path(builder_dir) / "dataset_info.json").read_bytes())
     digest.update(repr(list(config.state_obs_keys)).encode())
     digest.update(standardize_id.encode())
+    digest.update(STATISTICS_LAYOUT.encode())
     return f"dataset_statistics_{digest.hexdigest()}.json"
 
 
