@@ -15,7 +15,7 @@ from assets import CONFLICT, NEW, OLD  # noqa: E402
 SHORT = dict(seeds=1, workers=1, settings=("new_tasks",), arms=("plain", "craft_tuned"), num_tasks=2,
              episodes_per_task=6, steps_per_episode=8, image_size=64, batch_size=4, shuffle_buffer_size=50,
              pretrain_steps=4, finetune_steps=4, num_anchors=8, num_heldout_anchors=4, probe_steps=2,
-             eval_interval=2, eval_batches=1)
+             eval_interval=2, eval_batches=1, eval_train_anchors=4)
 
 
 def _probe_row(g_act: np.ndarray, g_ret: np.ndarray, l_ret: float) -> dict:

@@ -46,18 +46,18 @@ class Calibration:
 def arm_flags(cal: Calibration) -> Dict[str, List[str]]:
     """Every arm's `--craft.*` flags; the same epsilon everywhere except the guide's own arm, so that each run's
     eval rows count held-out drift over the same budget (plain fine-tuning ignores it while training)."""
-    eps = ["--craft.epsilon", f"{cal.epsilon:.6g}"]
-    tuned = eps + ["--craft.lambda_lr", f"{cal.ascent_step:.6g}"]
+    eps = ["--craft.epsilon", str(cal.epsilon)]
+    tuned = eps + ["--craft.lambda_lr", str(cal.ascent_step)]
     pi_ki = cal.ascent_step * cal.epsilon  # the same integral rate, on the relative violation
     arms = {
         "plain": ["--craft.enabled", "false", *eps],
         "craft_guide": ["--craft.epsilon", str(GUIDE["epsilon"]), "--craft.lambda_lr", str(GUIDE["lambda_lr"])],
         "craft_tuned": tuned,
         "no_projection": tuned + ["--craft.conflict_projection", "false"],
-        "fixed_penalty": eps + ["--craft.lambda_lr", "0", "--craft.lambda_init", f"{cal.fixed_lambda:.6g}"],
-        "pi": eps + ["--craft.dual_update", "pi", "--craft.violation", "relative", "--craft.lambda_lr", f"{pi_ki:.6g}",
-                     "--craft.lambda_kp", f"{cal.grad_ratio / 3:.6g}", "--craft.violation_ema", str(PI_EMA),
-                     "--craft.lambda_max", f"{LAMBDA_MAX_FACTOR * cal.grad_ratio:.6g}"],
+        "fixed_penalty": eps + ["--craft.lambda_lr", "0", "--craft.lambda_init", str(cal.fixed_lambda)],
+        "pi": eps + ["--craft.dual_update", "pi", "--craft.violation", "relative", "--craft.lambda_lr", str(pi_ki),
+                     "--craft.lambda_kp", str(cal.grad_ratio / 3), "--craft.violation_ema", str(PI_EMA),
+                     "--craft.lambda_max", str(LAMBDA_MAX_FACTOR * cal.grad_ratio)],
         "relative": eps + ["--craft.violation", "relative", "--craft.lambda_lr", str(RELATIVE_STEP)],
     }
     for k in INTERVALS:

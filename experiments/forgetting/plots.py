@@ -16,7 +16,7 @@ PANELS = (
     ("eval.jsonl", HELDOUT, "held-out anchor drift (MSE)", True),
     ("eval.jsonl", OLD_ACC, "A (old tasks) validation action accuracy", False),
     ("eval.jsonl", VAL_ACC, "B (new data) validation action accuracy", False),
-    ("metrics.jsonl", "lambda", "lambda", True),
+    ("metrics.jsonl", "lambda", "lambda (log axis: zeros not drawn)", True),
 )
 
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arms import CONFLICT_ARMS, Calibration, arm_flags  # noqa: E402
 from assets import CONFLICT, NEW, OLD, final_checkpoint, write_datasets, write_random_checkpoint  # noqa: E402
 from runner import Run, train_run, train_runs  # noqa: E402
-from summary import arm_numbers, markdown_table, read_jsonl, run_numbers  # noqa: E402
+from summary import VAL_ACC, VAL_L1, arm_numbers, markdown_table, read_jsonl, run_numbers  # noqa: E402
 
 SETTINGS = {"new_tasks": NEW, "conflict": CONFLICT}  # fine-tuning data per setting
 
@@ -38,22 +38,26 @@ class ForgettingConfig:
     settings: Tuple[str, ...] = ("new_tasks", "conflict")
     arms: Optional[Tuple[str, ...]] = None  # None: every arm (new_tasks) and arms.CONFLICT_ARMS (conflict)
     seed: int = 0
-    # Data: tasks per dataset, episodes per task (5 % of episodes are the validation split), frames per episode.
+    # Data: tasks per dataset, episodes per task (5 % of episodes are the validation split), frames per episode
+    # (few frames: the marker that tells the step takes few positions, which the tiny model learns to read in
+    # ~1000 steps; at 10 or 25 positions it had not after 500-800).
     num_tasks: int = 4
-    episodes_per_task: int = 40
-    steps_per_episode: int = 25
+    episodes_per_task: int = 60
+    steps_per_episode: int = 4
     image_size: int = 128
     batch_size: int = 8
     shuffle_buffer_size: int = 1000
-    pretrain_steps: int = 600
-    pretrain_lr: float = 1e-3
+    pretrain_steps: int = 1200
+    pretrain_lr: float = 2e-3
     finetune_steps: int = 150
     finetune_lr: float = 3e-4
     num_anchors: int = 64
     num_heldout_anchors: int = 32
     probe_steps: int = 8
-    eval_interval: int = 15
-    eval_batches: int = 2
+    eval_interval: int = 25
+    eval_batches: int = 4
+    eval_train_anchors: int = 32  # the fixed subset of training anchors whose drift is also evaluated
+    eval_shuffle_buffer_size: int = 256  # the validation splits are small (12 episodes of 4 frames by default)
     warmup_fraction: float = 0.2  # evaluations before this share of the steps do not count against epsilon
 
     def validate(self) -> None:
@@ -72,7 +76,8 @@ def _trainer_flags(cfg: ForgettingConfig, checkpoint: Path, data_mix: str, lr: f
             "--vla.learning_rate", lr, "--vla.per_device_batch_size", cfg.batch_size,
             "--vla.shuffle_buffer_size", cfg.shuffle_buffer_size, "--vla.enable_mixed_precision_training", "false",
             "--vla.enable_gradient_checkpointing", "false", "--device", "cpu", "--seed", seed,
-            "--craft.anchor_seed", seed, "--eval.batches", cfg.eval_batches)
+            "--craft.anchor_seed", seed, "--eval.batches", cfg.eval_batches,
+            "--eval.shuffle_buffer_size", cfg.eval_shuffle_buffer_size)
 
 
 def _finetune_flags(cfg: ForgettingConfig, checkpoint: Path, data_mix: str, seed: int, lr: Optional[float] = None
@@ -82,7 +87,7 @@ def _finetune_flags(cfg: ForgettingConfig, checkpoint: Path, data_mix: str, seed
     lr = cfg.finetune_lr if lr is None else lr
     return (*_trainer_flags(cfg, checkpoint, data_mix, lr, seed), "--craft.anchor_cache_dir", cache,
             "--eval.interval", cfg.eval_interval, "--eval.retention_mix", OLD,
-            "--eval.train_anchor_subset", cfg.num_anchors)
+            "--eval.train_anchor_subset", cfg.eval_train_anchors)
 
 
 def prepare(cfg: ForgettingConfig) -> Path:
@@ -168,7 +173,9 @@ def summarize(cfg: ForgettingConfig, cal: Calibration, runs: dict, pretrained: P
     pre_rows = read_jsonl(pretrained.parent.parent / "eval.jsonl")
     summary = {"calibration": {**asdict(cal), "epsilon": cal.epsilon}, "pretrained_on_A": pre_rows[-1],
                "settings": {}}
-    lines = [f"Pretrained on A: {json.dumps(pre_rows[-1])}",
+    pre = pre_rows[-1]
+    lines = [f"Pretrained on A ({cfg.pretrain_steps} steps), A validation: action accuracy "
+             f"{pre.get(VAL_ACC, float('nan')):.3f}, L1 {pre.get(VAL_L1, float('nan')):.3f}",
              f"Calibration: D = {cal.drift:.4g}, R = {cal.grad_ratio:.4g}, tuned epsilon = {cal.epsilon:.4g}", ""]
     for setting in cfg.settings:
         mine = {arm: rs for (s, arm), rs in runs.items() if s == setting}
@@ -177,7 +184,7 @@ def summarize(cfg: ForgettingConfig, cal: Calibration, runs: dict, pretrained: P
         summary["settings"][setting] = {"per_seed": per_seed, "per_arm": table}
         png = plot_setting({arm: [r.run_dir for r in rs] for arm, rs in mine.items()}, cal.epsilon,
                            f"{setting}: fine-tuning on {SETTINGS[setting]}, A = {OLD}", cfg.out / f"{setting}.png")
-        lines += [f"## {setting} ({SETTINGS[setting]}), {cfg.seeds} seeds, mean ± std", "", markdown_table(table), "",
+        lines += [f"## {setting} ({SETTINGS[setting]}): mean ± std over seeds 1..{cfg.seeds}", "", markdown_table(table), "",
                   f"![{setting}]({png.name})", ""]
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (cfg.out / "summary.md").write_text("\n".join(lines))
