@@ -10,7 +10,8 @@ does its multiplier hold the drift budget? One command, CPU only, seeded:
 4. every arm fine-tunes the pretrained checkpoint on B (and a subset on C) with the same data order and steps,
    per seed; the trainer's evaluations give B and A validation metrics and the held-out drift;
 5. summary.md / summary.json (mean ± std over seeds) and one PNG per setting.
-Re-running the same command continues where it stopped; a different configuration needs a new --out.
+Re-running the command continues where it stopped (finished runs are kept; --settings / --arms may add runs);
+a different configuration needs a new --out.
 """
 
 import json
@@ -25,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from arms import CONFLICT_ARMS, Calibration, arm_flags  # noqa: E402
 from assets import CONFLICT, NEW, OLD, final_checkpoint, write_datasets, write_random_checkpoint  # noqa: E402
 from runner import Run, train_run, train_runs  # noqa: E402
-from summary import VAL_ACC, VAL_L1, arm_numbers, markdown_table, read_jsonl, run_numbers  # noqa: E402
+from summary import HELDOUT, VAL_ACC, VAL_L1, arm_numbers, markdown_table, read_jsonl, run_numbers  # noqa: E402
 
 SETTINGS = {"new_tasks": NEW, "conflict": CONFLICT}  # fine-tuning data per setting
 
@@ -121,31 +122,32 @@ def prepare(cfg: ForgettingConfig) -> Path:
 
 
 def calibrate(cfg: ForgettingConfig, pretrained: Path) -> Calibration:
-    """Plain fine-tuning on B with a seed of its own (not one of the reported seeds), then a probe from its end:
-    CRaFT steps at learning rate 0 and lambda 0, whose log gives L_ret (= D) and the two gradients' norms."""
+    """Plain fine-tuning on B with a seed of its own (not one of the reported seeds): D is its final held-out drift
+    (all held-out anchors, the quantity the table holds against epsilon). Then a probe from its end, CRaFT steps
+    at learning rate 0 and lambda 0, whose log gives the two gradients' norms."""
     seed = cfg.seed + 100
     plain = Run(cfg.out / "runs", "calibration_plain_B", cfg.finetune_steps,
                 (*_finetune_flags(cfg, pretrained, NEW, seed), "--craft.enabled", "false"))
     train_run(plain)
+    drift = read_jsonl(plain.run_dir / "eval.jsonl")[-1][HELDOUT]
     probe = Run(cfg.out / "runs", "calibration_probe", cfg.probe_steps,
                 (*_finetune_flags(cfg, final_checkpoint(plain.run_dir), NEW, seed, lr=0.0), "--craft.lambda_init", "0",
                  "--craft.lambda_lr", "0"))
     train_run(probe)
-    return probe_calibration(read_jsonl(probe.run_dir / "metrics.jsonl"))
+    return Calibration(drift=drift, grad_ratio=gradient_ratio(read_jsonl(probe.run_dir / "metrics.jsonl")))
 
 
-def probe_calibration(rows) -> Calibration:
-    """With lambda = 0 the combined gradient is g_act, projected off g_ret when <g_act, g_ret> < 0, so its norm is
-    |g_act| sqrt(1 - cos^2) then; |g_ret| = <g_act, g_ret> / (cos |g_act|). Medians over the probe's steps."""
+def gradient_ratio(rows) -> float:
+    """|g_act| / |g_ret|, median over steps logged with lambda = 0. The combined gradient is then g_act, projected
+    off g_ret when <g_act, g_ret> < 0, so its norm is |g_act| sqrt(1 - cos^2) there; |g_ret| = <g_act, g_ret> /
+    (cos |g_act|)."""
     import numpy as np
 
-    drift, ratios = [], []
+    ratios = []
     for r in rows:
         act = r["grad_norm"] / np.sqrt(1 - r["grad_cos"] ** 2) if r["projection"] else r["grad_norm"]
-        ret = r["grad_dot"] / (r["grad_cos"] * act)
-        drift.append(r["L_ret"])
-        ratios.append(act / ret)
-    return Calibration(drift=float(np.median(drift)), grad_ratio=float(np.median(ratios)))
+        ratios.append(act / (r["grad_dot"] / (r["grad_cos"] * act)))
+    return float(np.median(ratios))
 
 
 def arm_runs(cfg: ForgettingConfig, pretrained: Path, cal: Calibration) -> dict:
@@ -191,13 +193,19 @@ def summarize(cfg: ForgettingConfig, cal: Calibration, runs: dict, pretrained: P
     return summary
 
 
+def _results_config(cfg: ForgettingConfig) -> dict:
+    """The settings every finished run in --out depends on; --workers, --settings and --arms only choose which
+    runs happen (a rerun may add a setting or an arm to the same folder)."""
+    return {k: v for k, v in asdict(cfg).items() if k not in ("out", "workers", "settings", "arms")}
+
+
 def main(cfg: ForgettingConfig) -> dict:
     cfg.validate()
     cfg.out.mkdir(parents=True, exist_ok=True)
-    recorded = cfg.out / "config.yaml"
-    if recorded.exists() and recorded.read_text() != draccus.dump(cfg):
+    recorded, fixed = cfg.out / "config.json", json.dumps(_results_config(cfg), indent=2, default=str)
+    if recorded.exists() and recorded.read_text() != fixed:
         raise ValueError(f"{cfg.out} holds a run with another configuration ({recorded}); choose another --out")
-    recorded.write_text(draccus.dump(cfg))
+    recorded.write_text(fixed)
     pretrained = prepare(cfg)
     cal = calibrate(cfg, pretrained)
     (cfg.out / "calibration.json").write_text(json.dumps({**asdict(cal), "epsilon": cal.epsilon}, indent=2))
