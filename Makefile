@@ -6,7 +6,7 @@ DEMO   ?= data/demo
 STAMP  := $(shell date +%Y%m%d-%H%M%S)
 RUN_ID ?= demo-$(STAMP)
 
-.PHONY: install demo test bench-tiny
+.PHONY: install libero demo test bench-tiny
 
 $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PYTHON) -m venv $(VENV)
@@ -16,6 +16,15 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	touch $@
 
 install: $(VENV)/.installed
+
+# Optional: the LIBERO simulator for vla-scripts/eval_libero.py (with its scene assets, ~1 GB). Without --no-deps
+# hf-libero would pull its training stack; requirements-libero.txt is what evaluation imports. Rendering also
+# needs Mesa's EGL (Debian: apt-get install libegl1 libegl-mesa0 libgl1-mesa-dri).
+$(VENV)/.libero-installed: requirements-libero.txt $(VENV)/.installed
+	$(PY) -m pip install --quiet --no-deps -r requirements-libero.txt
+	touch $@
+
+libero: $(VENV)/.libero-installed
 
 # Synthetic LIBERO-90 data, a tiny random checkpoint and its anchor cache, then a short CRaFT run
 # with the user's flags; logs go to runs/$(RUN_ID)/metrics.jsonl.
@@ -38,6 +47,7 @@ demo: install
 	  --vla.learning_rate 1e-3 \
 	  --vla.max_steps 40 \
 	  --vla.shuffle_buffer_size 2000 \
+	  --eval.interval 10 \
 	  --run_root_dir runs --run_id $(RUN_ID)
 	@echo "metrics: runs/$(RUN_ID)/metrics.jsonl"
 	$(PY) vla-scripts/plot_run.py runs/$(RUN_ID) --projection_window 10 --out runs/$(RUN_ID)/dashboard.png

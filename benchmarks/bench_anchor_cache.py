@@ -33,7 +33,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, base_record, cpu_description, median, ru_maxrss_bytes, run_cli  # noqa: E402
 
-import prismatic  # noqa: E402,F401
+import prismatic.models  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 from craft.anchor_cache import ARRAYS, AnchorCache, AnchorCacheWriter, anchor_indices  # noqa: E402

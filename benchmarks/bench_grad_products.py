@@ -29,7 +29,7 @@ from unittest import mock
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import base_record, median, write_json  # noqa: E402
 
-import prismatic  # noqa: E402,F401  (torchvision guard before timm)
+import prismatic.models  # noqa: E402,F401  (torchvision guard before timm)
 import torch  # noqa: E402
 
 from craft import surgery  # noqa: E402

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-import prismatic  # noqa: F401  (torchvision guard before timm)
+import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.retention import pool_hidden, retention_loss
 from craft.surgery import Surgery, combine_into_grads, grad_products, take_grads
 from prismatic.models import OpenVLA, preset_config

@@ -12,14 +12,16 @@ by `training_example` with the offline tiny tokenizer (its ids are OpenVLA's ids
 random (built on the meta device, materialised with `to_empty` on the target device, then filled).
 
 What is timed (median of `--repeats` after `--warmup`, device-synchronised; the kinds are interleaved
-within each repeat so slow drifts of the machine hit all of them alike):
-  t_base_s      craft.step.baseline_step on the action batch of B: forward + backward L_act, clipping.
+within each repeat so slow drifts of the machine hit all of them alike). Every step is the trainer's own
+`prismatic.training.objective.Objective.step` (same losses, autocast, anchor-pass checkpointing, one-pass
+split and collective as training; the action metrics it logs included):
+  t_base_s      without a constraint (craft.step.baseline_step) on the action batch of B: forward +
+                backward L_act, clipping.
   t_base_bpa_s  the same on an action batch of B + A samples (the first B are the batch above).
-  t_craft_s     craft.step.craft_step: L_act on B, L_ret on A anchors (hidden layer -2, mean_image_tokens,
-                mse against random targets), take_grads, grad_products, Surgery.decide,
-                combine_into_grads, clipping. With --step_impl one_pass, craft.step.craft_step_one_pass on
-                the joint batch [B action rows; A anchor rows] (prismatic.training.batches.joint_batch),
-                composed as the trainer composes it.
+  t_craft_s     with a constraint (craft.step.craft_step): L_act on B, L_ret on A anchors (CraftConfig's
+                defaults: hidden layer -2, mean_image_tokens, mse, against random targets), take_grads,
+                grad_products, Surgery.decide, combine_into_grads, clipping. With --step_impl one_pass,
+                craft.step.craft_step_one_pass on the joint batch [B action rows; A anchor rows].
   t_anchor_s    the anchor forward + backward alone.
   t_surgery_s   grad_products + Surgery.decide + clip_scale + combine_into_grads alone, on random tensors
                 shaped like the real gradients: g_act where the action loss gives a gradient, g_ret where
@@ -60,36 +62,32 @@ import math
 import platform
 import sys
 import time
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, base_record, cpu_description, median, release_host_memory, run_cli  # noqa: E402
 
-import prismatic  # noqa: E402,F401  (before timm: installs the torchvision import guard)
+import prismatic.models  # noqa: E402,F401  (before timm: installs the torchvision import guard)
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import transformers  # noqa: E402
 from torch.distributed.tensor import DTensor  # noqa: E402
 
+from craft.config import CraftConfig  # noqa: E402
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint  # noqa: E402
-from craft.retention import pool_hidden, retention_loss  # noqa: E402
-from craft.one_pass import RowGroupSplit  # noqa: E402
-from craft.step import Collective, baseline_step, craft_step, craft_step_one_pass  # noqa: E402
 from craft.surgery import Surgery, clip_scale, combine_into_grads, fused_kernels, grad_products, local  # noqa: E402
 from prismatic.models import ImageProcessor, OpenVLA, PRESETS, build_tiny_tokenizer, preset_config  # noqa: E402
 from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
-from prismatic.training.batches import joint_batch  # noqa: E402
 from prismatic.training.distributed import (  # noqa: E402
-    SHARDING_STRATEGIES, DistEnv, FSDPCollective, dist_env_from_environ, init_process_group, shard_model)
+    SHARDING_STRATEGIES, DistEnv, dist_env_from_environ, init_process_group, shard_model)
+from prismatic.training.objective import Objective  # noqa: E402
 from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
 from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
 from prismatic.vla.libero_tasks import INSTRUCTIONS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-HIDDEN_LAYER, POOLING, LOSS_TYPE = -2, "mean_image_tokens", "mse"
 MAX_GRAD_NORM = 1.0
 DIST_TIMEOUT_S = 600  # a rank that fails mid-step leaves the others waiting in a collective this long at most
 
@@ -332,30 +330,10 @@ def surgery_traffic_floor(g_act, g_ret) -> int:
     return 2 * read_both + _nbytes(g_act)
 
 
-def one_pass_step(model, params, act: dict, anchors: dict, autocast, stash_dtype, split: RowGroupSplit,
-                  collective: Collective):
-    """craft_step_one_pass on the joint batch [action rows; anchor rows], composed as the trainer does."""
-    batch = joint_batch(act, anchors, model.config.pad_token_id)
-    n = batch["n_action_rows"]
-
-    def fn():
-        with autocast:
-            out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                        output_hidden_states=True)
-        hidden = out.hidden_states[HIDDEN_LAYER][n:]
-        features = pool_hidden(hidden, POOLING, model.image_token_slice, batch["attention_mask"][n:])
-        return out.loss, retention_loss(features, batch["target_features"], LOSS_TYPE)
-
-    def step(optimizer, constraint):
-        return craft_step_one_pass(params, optimizer, constraint, [(fn, n, batch["input_ids"].shape[0])], split,
-                                   MAX_GRAD_NORM, collective, stash_dtype=stash_dtype)
-    return step
-
-
 def prepare_model(args: argparse.Namespace, env: DistEnv, device: torch.device, dtype: torch.dtype,
-                  lora_alpha: int, sharded: bool):
-    """The random model in the trainer's order (adapters, checkpointing, train mode, shards), with what the
-    CRaFT step needs of it: the one-pass row split and how this rank's results become global ones."""
+                  lora_alpha: int, sharded: bool) -> Objective:
+    """The random model in the trainer's order (adapters, checkpointing, train mode, shards), and the
+    trainer's objective on it."""
     model = build_model(args.preset, device, dtype, args.seed)  # same seed on every rank: one model
     if args.lora_rank:
         model = add_lora(model, args.lora_rank, lora_alpha, 0.0, lora_targets(model, "all-linear"))
@@ -364,11 +342,11 @@ def prepare_model(args: argparse.Namespace, env: DistEnv, device: torch.device, 
     model.train()
     if sharded:  # the model is already in --dtype: no mixed-precision policy
         shard_model(model, env, device, args.sharding_strategy, mixed_precision=False)
-    split = RowGroupSplit(action_only=[model.language_model.lm_head]) if args.step_impl == "one_pass" else None
-    if split is not None and args.grad_checkpointing:  # the recomputed forward must be split too
-        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
-    collective = FSDPCollective(model, env, device, args.sharding_strategy, split) if sharded else Collective()
-    return model, split, collective
+    craft = CraftConfig(step_impl=args.step_impl, anchor_checkpointing=args.anchor_checkpointing,
+                        grad_stash_dtype=None if args.grad_stash_dtype == "none" else args.grad_stash_dtype)
+    return Objective.build(model, craft, env=env, device=device, sharding_strategy=args.sharding_strategy,
+                           autocast_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None,
+                           gradient_checkpointing=args.grad_checkpointing, max_grad_norm=MAX_GRAD_NORM)
 
 
 def device_name(device: torch.device) -> str:
@@ -405,42 +383,14 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
     dtype = DTYPES[args.dtype or config.torch_dtype]
 
     lora_alpha = min(args.lora_rank, 16)  # the trainer's default --vla.lora_alpha
-    model, split, collective = prepare_model(args, env, device, dtype, lora_alpha, sharded)
-    params = [p for p in model.parameters() if p.requires_grad]  # vla-full-train: everything; LoRA: adapters
+    objective = prepare_model(args, env, device, dtype, lora_alpha, sharded)
+    model, params, collective = objective.model, objective.params, objective.collective
     total_params = sum(p.numel() for p in model.parameters())
 
     act_cpu, bpa_cpu, anchors_cpu = synthetic_batches(config, args.batch, args.anchor_batch, args.seed + env.rank)
     act, bpa, anchors = (to_device(b, device) for b in (act_cpu, bpa_cpu, anchors_cpu))
     del act_cpu, bpa_cpu, anchors_cpu
-
-    autocast = (torch.autocast(device.type, dtype=torch.bfloat16) if args.autocast == "bfloat16"
-                else nullcontext())
-
-    def action_loss(batch):
-        def fn():
-            with autocast:
-                return model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                             labels=batch["labels"]).loss
-        return fn
-
-    pause = model.activation_checkpointing_paused if not args.anchor_checkpointing else nullcontext
-
-    def anchor_loss(batch):
-        def fn():
-            with autocast, pause():
-                hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"],
-                                             layer=HIDDEN_LAYER)
-            features = pool_hidden(hidden, POOLING, model.image_token_slice, batch["attention_mask"])
-            return retention_loss(features, batch["target_features"], LOSS_TYPE)
-        return fn
-
-    stash_dtype = None if args.grad_stash_dtype == "none" else DTYPES[args.grad_stash_dtype]
-    if split is not None:
-        craft_fn = one_pass_step(model, params, act, anchors, autocast, stash_dtype, split, collective)
-    else:
-        def craft_fn(optimizer, constraint):
-            return craft_step(params, optimizer, constraint, [action_loss(act)], [anchor_loss(anchors)],
-                              MAX_GRAD_NORM, collective, stash_dtype=stash_dtype)
+    stash_dtype = objective.stash_dtype
     optimizer = torch.optim.AdamW(params, lr=1e-6) if args.with_optimizer else NoOpOptimizer(params)
     # lambda fixed at 1 so combine_into_grads always runs its add (see the module docstring).
     constraint = RetentionConstraint(EpsilonSchedule("constant", 0.05), DualMultiplier(1.0, 0.0))
@@ -454,14 +404,14 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
         last[kind] = result
         return result
 
-    def base(batch, kind):
-        return lambda: checked(baseline_step(params, optimizer, [action_loss(batch)], MAX_GRAD_NORM, collective), kind)
+    def step(kind, constraint, batch, anchor_batches):
+        return lambda: checked(objective.step(optimizer, constraint, [batch], anchor_batches)[0], kind)
 
     kinds = {
-        "base": base(act, "base"),
-        "base_bpa": base(bpa, "base_bpa"),
-        "craft": lambda: checked(craft_fn(optimizer, constraint), "craft"),
-        "anchor": lambda: anchor_only(anchor_loss(anchors)),
+        "base": step("base", None, act, []),
+        "base_bpa": step("base_bpa", None, bpa, []),
+        "craft": step("craft", constraint, act, [anchors]),
+        "anchor": lambda: anchor_only(objective.retention(anchors)),
     }
     times = {k: [] for k in kinds}
     peaks = {k: [] for k in kinds}
@@ -477,7 +427,7 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
     # The surgery on its own, on random tensors covering exactly the parameters the two losses give
     # gradients to (the anchor loss never reaches lm_head, the last decoder layer or the final norm).
     covered = {}
-    for kind, fn in (("act", action_loss(act)), ("ret", anchor_loss(anchors))):
+    for kind, fn in (("act", objective.action(act)), ("ret", objective.retention(anchors))):
         fn().backward()
         covered[kind] = [p.grad is not None for p in params]
         clear()

@@ -4,12 +4,18 @@
 #
 #   bash benchmarks/gpu_suite.sh OUT_DIR                 # everything
 #   ONLY="tests step_openvla-7b_b16_a4_gc" bash benchmarks/gpu_suite.sh OUT_DIR   # the runs named
+#   SET=targets bash benchmarks/gpu_suite.sh OUT_DIR    # the cost targets' runs only (time limits sum to 570 s)
 #
 # Writes one JSON per run and suite.log into OUT_DIR. "tests" runs the CUDA tests of the fused surgery
 # kernels (compiled, not interpreted) without conftest.py, which needs TensorFlow.
 set -u
 out=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
+if [[ ${SET:-} == targets ]]; then  # full fine-tune B=16/A=4 and B=32/A=8, LoRA one-pass, FSDP over one GPU, surgery
+    ONLY="tests step_openvla-7b_b16_a4_gc step_openvla-7b_b32_a8_gc step_openvla-7b_lora32_b8_a4_one_pass
+          grad_products_openvla-7b step_openvla-7b_b16_a4_gc_fsdp1 step_openvla-7b_b16_a4_gc_fsdp1_one_pass"
+    ONLY=$(echo $ONLY)
+fi
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 py=${PYTHON:-python3}
 step="benchmarks/bench_step.py --preset openvla-7b --device cuda --dtype bfloat16 --warmup 2 --repeats 5"

@@ -15,7 +15,7 @@ re-enters it through `recompute_context`. A trainable weight used in an op witho
 input is refused, so a silent misattribution cannot happen. Weights are recognised as trainable
 `nn.Parameter`s when used, not from a list made beforehand, so that the unsharded weights FSDP swaps in
 for the forward are split too; under FSDP the anchor part is then reduced like `.grad` by the caller
-(prismatic.training.distributed.ShardedAnchorGrads).
+(prismatic.training.anchor_grads.ShardedAnchorGrads).
 """
 
 from contextlib import contextmanager, nullcontext

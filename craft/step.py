@@ -64,15 +64,17 @@ def craft_step(
     collective: Collective = Collective(),
     stash_dtype: Optional[torch.dtype] = None,
     project: bool = True,
+    next_step: Optional[int] = None,
 ) -> StepResult:
-    """`project` false never projects g_act (--craft.conflict_projection false)."""
+    """`project` false never projects g_act (the "lambda only" ablation); `next_step` is the training step at
+    which the constraint is next updated (default: the next one), so its epsilon schedule follows training steps."""
     optimizer.zero_grad(set_to_none=True)
     l_act = accumulate(action_losses, collective)  # 1. g_act
     g_act = take_grads(params, stash_dtype)
     l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act, l_ret, max_grad_norm, collective,
-                               project)
+                               project, next_step)
 
 
 def craft_step_one_pass(
@@ -85,6 +87,7 @@ def craft_step_one_pass(
     collective: Collective = Collective(),
     stash_dtype: Optional[torch.dtype] = None,
     project: bool = True,
+    next_step: Optional[int] = None,
 ) -> StepResult:
     """Steps 1-2 from one forward/backward per joint micro-batch (see craft.one_pass); then as craft_step."""
     optimizer.zero_grad(set_to_none=True)
@@ -97,12 +100,12 @@ def craft_step_one_pass(
         l_act, l_ret = l_act + la.detach().double().cpu(), l_ret + lr.detach().double().cpu()
     g_act, g_ret = take_grads(params, stash_dtype), collective.anchor_grads(split, params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act / len(joint_losses),
-                               l_ret / len(joint_losses), max_grad_norm, collective, project)
+                               l_ret / len(joint_losses), max_grad_norm, collective, project, next_step)
 
 
 def _constrained_update(params, optimizer, constraint: RetentionConstraint, g_act, g_ret, l_act: torch.Tensor,
                         l_ret: torch.Tensor, max_grad_norm: float, collective: Collective,
-                        project: bool = True) -> StepResult:
+                        project: bool = True, next_step: Optional[int] = None) -> StepResult:
     """Spec steps 3-7, the same whichever way g_act and g_ret were obtained."""
     local_stats = torch.cat([grad_products(g_act, g_ret).cpu(), torch.stack([l_act, l_ret])])
     dot, act_sq, ret_sq, l_act, l_ret = collective.reduce(local_stats).tolist()  # 3. one all-reduce
@@ -113,7 +116,7 @@ def _constrained_update(params, optimizer, constraint: RetentionConstraint, g_ac
     scale = clip_scale(surgery.grad_sq, max_grad_norm)
     combine_into_grads(params, g_act, g_ret, surgery.ret_coef, scale)  # 5-6. g = g_act + lam g_ret, clipped
     optimizer.step()
-    constraint.update(l_ret)  # 7. lambda, then the epsilon schedule
+    constraint.update(l_ret, next_step)  # 7. lambda, then the epsilon schedule
     return StepResult(
         L_act=l_act, L_ret=l_ret, lam=lam, epsilon=eps, grad_dot=surgery.grad_dot, grad_cos=surgery.grad_cos,
         projection=surgery.projection, grad_norm=surgery.grad_sq ** 0.5,

@@ -16,15 +16,14 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-import prismatic  # noqa: F401  (torchvision guard before timm)
+import prismatic.models  # noqa: F401  (torchvision guard before timm)
+from craft.config import CraftConfig
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint
-from craft.retention import pool_hidden, retention_loss
-from craft.one_pass import RowGroupSplit
-from craft.step import Collective, accumulate, craft_step, craft_step_one_pass
+from craft.step import accumulate
 from craft.surgery import grad_products, local, take_grads
 from prismatic.models import OpenVLA, preset_config
-from prismatic.training.batches import joint_batch
-from prismatic.training.distributed import FSDPCollective, dist_env_from_environ, init_process_group, shard_model
+from prismatic.training.distributed import dist_env_from_environ, init_process_group, shard_model
+from prismatic.training.objective import Objective
 from prismatic.training.optim import build_optimizer
 
 STEPS, B, A = 3, 2, 2
@@ -46,29 +45,14 @@ def micro_batch(g: int, n: int, labels: bool) -> dict:
     return batch
 
 
-def ret_loss(model, hidden, b):
-    features = pool_hidden(hidden, "mean_image_tokens", model.image_token_slice, b["attention_mask"])
-    return retention_loss(features, b["target_features"], "mse")
-
-
-def joint_fn(model, g: int):
-    """One forward over [action rows; anchor rows] of micro-batch g: (L_act, L_ret), n, rows."""
-    batch = joint_batch(micro_batch(g, B, True), micro_batch(g, A, False), pad_token_id=32000)
-
-    def fn():
-        out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                    output_hidden_states=True)
-        anchors = {"attention_mask": batch["attention_mask"][B:], "target_features": batch["target_features"]}
-        return out.loss, ret_loss(model, out.hidden_states[-2][B:], anchors)
-    return fn, B, B + A
-
-
-def compare_one_pass(model, params, split, collective, act_fns, ret_fns, joint) -> dict:
+def compare_one_pass(objective: Objective, gs: list) -> dict:
     """This rank's gradient shards both ways, on the same micro-batches, without an update."""
-    accumulate(act_fns, collective)
+    params, split, collective = objective.params, objective.split, objective.collective
+    accumulate([objective.action(micro_batch(g, B, True)) for g in gs], collective)
     ref_act = take_grads(params)
-    accumulate(ret_fns, collective)
+    accumulate([objective.retention(micro_batch(g, A, False)) for g in gs], collective)
     ref_ret = take_grads(params)
+    joint = [objective.joint(micro_batch(g, B, True), micro_batch(g, A, False)).as_joint() for g in gs]
     for i, (fn, n, rows) in enumerate(joint):
         collective.set_grad_sync(i == len(joint) - 1)
         with split.rows(n, rows):
@@ -102,40 +86,26 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     torch.manual_seed(0)
     model = OpenVLA.from_config(preset_config("tiny"))
     model.train()
-    collective = Collective()
-    split = RowGroupSplit(action_only=[model.language_model.lm_head]) if step_impl == "one_pass" else None
     if env.distributed:
         shard_model(model, env, device, strategy, False)
-        collective = FSDPCollective(model, env, device, strategy, split=split)
-    params = [p for p in model.parameters() if p.requires_grad]
+    objective = Objective.build(model, CraftConfig(step_impl=step_impl), env=env, device=device,
+                                sharding_strategy=strategy, autocast_dtype=None, gradient_checkpointing=False,
+                                max_grad_norm=1.0)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     constraint = RetentionConstraint(EpsilonSchedule("constant", end=1e-4), DualMultiplier(0.5, lr=100.0))
     accum = micro_per_step // env.world_size
 
-    def act_fn(b):
-        return lambda: model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"]).loss
-
-    def ret_fn(b):
-        return lambda: ret_loss(model, model.hidden_states(b["pixel_values"], b["input_ids"], b["attention_mask"],
-                                                           layer=-2), b)
-
     def step_micro_batches(s):
         return [micro_per_step * s + env.rank * accum + k for k in range(accum)]
 
-    if split is not None:
-        gs = step_micro_batches(0)
-        report = compare_one_pass(model, params, split, collective, [act_fn(micro_batch(g, B, True)) for g in gs],
-                                  [ret_fn(micro_batch(g, A, False)) for g in gs], [joint_fn(model, g) for g in gs])
+    if objective.split is not None:
+        report = compare_one_pass(objective, step_micro_batches(0))
         (out / f"compare_rank{env.rank}.json").write_text(json.dumps(report))
     rows = []
     for s in range(STEPS):
         gs = step_micro_batches(s)
-        if split is not None:
-            r = craft_step_one_pass(params, optimizer, constraint, [joint_fn(model, g) for g in gs], split,
-                                    max_grad_norm=1.0, collective=collective)
-        else:
-            r = craft_step(params, optimizer, constraint, [act_fn(micro_batch(g, B, True)) for g in gs],
-                           [ret_fn(micro_batch(g, A, False)) for g in gs], max_grad_norm=1.0, collective=collective)
+        r, _ = objective.step(optimizer, constraint, [micro_batch(g, B, True) for g in gs],
+                              [micro_batch(g, A, False) for g in gs])
         rows.append({"L_act": r.L_act, "L_ret": r.L_ret, "grad_dot": r.grad_dot, "grad_cos": r.grad_cos,
                      "projection": r.projection, "grad_norm": r.grad_norm, "lambda": constraint.lam,
                      "lambda_hex": constraint.lam.hex()})

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-import prismatic  # noqa: F401  (torchvision guard before timm)
+import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.anchor_cache import AnchorCache
 from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.training.distributed import dist_env_from_environ, init_process_group, shard_model

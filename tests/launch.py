@@ -22,10 +22,12 @@ def user_flags(demo: Path, run_root: Path, **overrides) -> list:
 
 
 def error_line(res: subprocess.CompletedProcess) -> str:
-    """The program's one error line (torchrun adds its own report around it and exits 1)."""
+    """The program's one error line, which must also be the last line of torchrun's report (torchrun exits 1)."""
     assert res.returncode != 0
     lines = [line for line in res.stderr.splitlines() if line.startswith("train_craft.py: error:")]
     assert len(lines) == 1, res.stderr[-3000:]
+    last = [line for line in res.stderr.splitlines() if line.strip(" =")][-1]
+    assert last.strip().endswith(lines[0]), res.stderr[-3000:]
     return lines[0]
 
 

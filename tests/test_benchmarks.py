@@ -40,6 +40,9 @@ STEP_KEYS = (
     "surgery_bytes", "surgery_bandwidth_gbps", "peak_mem_base_bytes", "peak_mem_craft_bytes", "mem_method",
     "floor_ratio", "ratio", "grad_buffer_bytes", "world_size", "sharded", "sharding_strategy",
 )
+# The GPU machines have neither TensorFlow nor draccus: the step benchmark runs with both made unimportable.
+WITHOUT_TF_DRACCUS = ("-c", "import runpy, sys; sys.modules.update(tensorflow=None, draccus=None); "
+                            "sys.argv = sys.argv[1:]; runpy.run_path(sys.argv[0], run_name='__main__')")
 TINY_STEP = ("--preset", "tiny", "--device", "cpu", "--batch", "2", "--anchor_batch", "1", "--repeats", "1")
 
 
@@ -65,7 +68,7 @@ def _check_step(r: dict, step_impl: str) -> None:
 @pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
 def test_bench_step_tiny_cpu(tmp_path, step_impl):
     r = _run("bench_step.py", tmp_path / "step.json", *TINY_STEP, "--warmup", "1", "--threads", "2",
-             "--step_impl", step_impl)
+             "--step_impl", step_impl, launcher=WITHOUT_TF_DRACCUS)
     _check_step(r, step_impl)
     assert (r["world_size"], r["sharded"], r["sharding_strategy"]) == (1, False, None)
     # fp32 gradients: one action gradient buffer is 4 bytes per parameter that gets one.

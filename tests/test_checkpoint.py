@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors import safe_open
 
-import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
+import prismatic.models  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import (
     OpenVLA,
     build_tiny_tokenizer,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
+import prismatic.models  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import (
     IGNORE_INDEX,
     ImageProcessor,

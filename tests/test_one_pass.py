@@ -6,11 +6,11 @@ import pytest
 import torch
 from launch import run_script, user_flags
 
-from craft.one_pass import RowGroupSplit
-from craft.retention import pool_hidden, retention_loss
+from craft.config import CraftConfig
 from prismatic.models import OpenVLA, preset_config
 from prismatic.models.lora import add_lora, lora_targets
-from prismatic.training.batches import joint_batch
+from prismatic.training.distributed import DistEnv
+from prismatic.training.objective import Objective
 
 B, A = 3, 2
 
@@ -43,11 +43,6 @@ def _batches():
     return act, anc
 
 
-def _ret_loss(model, hidden, anc):
-    features = pool_hidden(hidden, "last_token", model.image_token_slice, anc["attention_mask"])
-    return retention_loss(features, anc["target_features"], "mse")
-
-
 def _grads(params):
     out = [None if p.grad is None else p.grad.clone() for p in params]
     for p in params:
@@ -57,25 +52,22 @@ def _grads(params):
 
 @pytest.mark.parametrize("lora,checkpointing", [(False, False), (True, False), (False, True), (True, True)])
 def test_one_pass_gradients_equal_two_pass(lora, checkpointing):
+    """The objective's joint loss against its separate action and anchor losses (the trainer's own pieces)."""
     model = _model(lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    split = RowGroupSplit(action_only=[model.language_model.lm_head])
-    if checkpointing:  # the forward is recomputed inside the backward, where the split must be active again
-        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
+    objective = Objective.build(model, CraftConfig(step_impl="one_pass", pooling="last_token"), env=DistEnv(),
+                                device=torch.device("cpu"), sharding_strategy="full-shard", autocast_dtype=None,
+                                gradient_checkpointing=checkpointing, max_grad_norm=1.0)
+    params, split = objective.params, objective.split
     act, anc = _batches()
-    model(act["pixel_values"], act["input_ids"], act["attention_mask"], labels=act["labels"]).loss.backward()
+    objective.action(act)().backward()
     ref_act = _grads(params)
-    hidden = model.hidden_states(anc["pixel_values"], anc["input_ids"], anc["attention_mask"], layer=-2)
-    _ret_loss(model, hidden, anc).backward()
+    objective.retention(anc)().backward()
     ref_ret = _grads(params)
 
-    joint = joint_batch(act, anc, pad_token_id=32000)
+    joint = objective.joint(act, anc)
+    assert (joint.n_action_rows, joint.rows) == (B, B + A)
     with split.rows(B, B + A):
-        out = model(joint["pixel_values"], joint["input_ids"], joint["attention_mask"], labels=joint["labels"],
-                    output_hidden_states=True)
-        n = joint["n_action_rows"]
-        l_ret = _ret_loss(model, out.hidden_states[-2][n:], {**anc, "attention_mask": joint["attention_mask"][n:]})
-        (out.loss + l_ret).backward()
+        sum(joint()).backward()
     got_act, got_ret = _grads(params), split.take_ret(params)
     checked = 0
     for name_p, ra, rr, ga, gr in zip(params, ref_act, ref_ret, got_act, got_ret):

@@ -13,7 +13,7 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
+import prismatic.models  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import (
     ImageProcessor,
     OpenVLA,

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-import prismatic  # noqa: F401  (installs the torchvision import guard before timm/transformers)
+import prismatic.models  # noqa: F401  (installs the torchvision import guard before timm/transformers)
 from prismatic.models import ImageProcessor, OpenVLA, build_tiny_tokenizer, preset_config
 from prismatic.models import predict
 from prismatic.models.batching import SPACE_TOKEN_ID, prompt_ids

@@ -19,7 +19,7 @@ from typing import List
 import numpy as np
 import torch
 
-import prismatic  # noqa: F401  (torchvision guard before timm)
+import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.anchor_cache import AnchorCache
 from craft.config import RETENTION_LOSS_TYPES
 from prismatic.conf.eval import RetentionEvalConfig

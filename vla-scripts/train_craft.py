@@ -5,7 +5,10 @@
       --craft.anchor_cache_dir <ANCHOR_CACHE_DIR> --dry_run_batches 3
 """
 
+import json
+import os
 import sys
+import time
 
 import draccus
 
@@ -14,13 +17,25 @@ from prismatic.training.preflight import PreflightError
 from prismatic.training.trainer import train
 
 
+def fail(message: str) -> None:
+    """Print the error and exit 2. Under torchrun, also hand it to the launcher's error file: torchrun
+    then ends its failure report with this line instead of a pointer to its documentation."""
+    line = f"train_craft.py: error: {message}"
+    print(line, file=sys.stderr, flush=True)
+    error_file = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if error_file:
+        with open(error_file, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+    sys.exit(2)
+
+
 @draccus.wrap()
 def main(cfg: TrainConfig) -> None:
     try:
         train(cfg)
     except PreflightError as e:
-        print(f"train_craft.py: error: {e}", file=sys.stderr, flush=True)
-        sys.exit(2)
+        fail(str(e))
 
 
 if __name__ == "__main__":

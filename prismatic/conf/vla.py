@@ -1,4 +1,8 @@
-"""`--vla.*`: what is trained, on which data, with which optimisation hyper-parameters."""
+"""`--vla.*`: what is trained, on which data, with which optimisation hyper-parameters.
+
+One dataclass per concern (model, LoRA/quantisation, data, optimisation), each with its own defaults and
+checks; `VLAConfig` joins them under the one `--vla.` prefix users already type.
+"""
 
 from dataclasses import dataclass
 from typing import Optional
@@ -11,25 +15,25 @@ QUANTIZATIONS = ("none", "8bit", "4bit")
 
 
 @dataclass
-class VLAConfig(draccus.ChoiceRegistry):
+class ModelConfig:
     vla_id: str = "openvla-7b+libero"
     # Which parameters train (OpenVLA's stages): full; frozen vision; frozen LLM but its last
     # layer; only the last LLM layer (embed_tokens, last decoder layer, lm_head).
     train_stage: str = "vla-full-train"
-    data_mix: str = "libero_90"
-    shuffle_buffer_size: int = 100_000
-    max_steps: int = 50_000
-    expected_world_size: Optional[int] = None  # when set, the launch must match it
-    global_batch_size: Optional[int] = None  # default: per_device_batch_size x world size
-    per_device_batch_size: int = 8
-    learning_rate: float = 2e-5
-    weight_decay: float = 0.0
-    max_grad_norm: float = 1.0
-    lr_scheduler_type: str = "constant"
-    warmup_ratio: float = 0.0
     enable_gradient_checkpointing: bool = True
     enable_mixed_precision_training: bool = True  # bf16 autocast; also the anchor cache's dtype
 
+    @property
+    def compute_dtype(self) -> str:
+        return "bfloat16" if self.enable_mixed_precision_training else "float32"
+
+    def validate_model(self) -> None:
+        if self.train_stage not in TRAIN_STAGES:
+            raise ValueError(f"--vla.train_stage must be one of {list(TRAIN_STAGES)}; found {self.train_stage!r}")
+
+
+@dataclass
+class LoraConfig:
     # LoRA: a frozen base (bf16 with mixed precision) and trainable adapters; CRaFT's surgery then runs
     # over the adapter gradients only, while L_ret still reads the full model's hidden states.
     use_lora: bool = False
@@ -41,11 +45,6 @@ class VLAConfig(draccus.ChoiceRegistry):
     # With LoRA in one process: "8bit" or "4bit" (NF4) frozen base Linear layers via bitsandbytes.
     base_quantization: str = "none"
 
-    @classmethod
-    def default_choice_name(cls) -> str:
-        """The user's templates never pass --vla.type."""
-        return "openvla-7b+libero"
-
     @property
     def resolved_lora_alpha(self) -> int:
         return self.lora_alpha or min(self.lora_rank, 16)
@@ -54,45 +53,10 @@ class VLAConfig(draccus.ChoiceRegistry):
     def lora_scaling(self) -> float:
         return self.resolved_lora_alpha / self.lora_rank
 
-    @property
-    def compute_dtype(self) -> str:
-        return "bfloat16" if self.enable_mixed_precision_training else "float32"
-
-    def grad_accumulation_steps(self, world_size: int) -> int:
-        per_step = self.per_device_batch_size * world_size
-        total = self.global_batch_size or per_step
-        if total % per_step:
-            raise ValueError(
-                f"--vla.global_batch_size {total} is not a multiple of --vla.per_device_batch_size "
-                f"{self.per_device_batch_size} x world size {world_size} = {per_step}"
-            )
-        return total // per_step
-
-    def validate(self, world_size: int) -> None:
-        for flag, value, allowed in (
-            ("train_stage", self.train_stage, TRAIN_STAGES),
-            ("lr_scheduler_type", self.lr_scheduler_type, LR_SCHEDULES),
-        ):
-            if value not in allowed:
-                raise ValueError(f"--vla.{flag} must be one of {list(allowed)}; found {value!r}")
-        for flag, value in (("max_steps", self.max_steps), ("per_device_batch_size", self.per_device_batch_size)):
-            if value < 1:
-                raise ValueError(f"--vla.{flag} must be >= 1; found {value}")
-        if self.learning_rate < 0:
-            raise ValueError(f"--vla.learning_rate must be >= 0; found {self.learning_rate}")
+    def validate_lora(self, world_size: int) -> None:
         if self.use_lora and (self.lora_rank < 1 or not 0 <= self.lora_dropout < 1):
             raise ValueError(f"--vla.lora_rank must be >= 1 and --vla.lora_dropout in [0, 1); found "
                              f"{self.lora_rank}, {self.lora_dropout}")
-        self._validate_quantization(world_size)
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError(f"--vla.warmup_ratio must be in [0, 1); found {self.warmup_ratio}")
-        if self.expected_world_size is not None and self.expected_world_size != world_size:
-            raise ValueError(
-                f"--vla.expected_world_size is {self.expected_world_size} but torchrun started {world_size} processes"
-            )
-        self.grad_accumulation_steps(world_size)
-
-    def _validate_quantization(self, world_size: int) -> None:
         q = self.base_quantization
         if q not in QUANTIZATIONS:
             raise ValueError(f"--vla.base_quantization must be one of {list(QUANTIZATIONS)}; found {q!r}")
@@ -104,6 +68,65 @@ class VLAConfig(draccus.ChoiceRegistry):
                                                    "would carry its rounding into the export)")):
             if wrong:
                 raise ValueError(f"--vla.base_quantization {q} needs {needed}")
+
+
+@dataclass
+class DataConfig:
+    data_mix: str = "libero_90"
+    shuffle_buffer_size: int = 100_000
+
+
+@dataclass
+class OptimConfig:
+    max_steps: int = 50_000
+    expected_world_size: Optional[int] = None  # when set, the launch must match it
+    global_batch_size: Optional[int] = None  # default: per_device_batch_size x world size
+    per_device_batch_size: int = 8
+    learning_rate: float = 2e-5
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    lr_scheduler_type: str = "constant"
+    warmup_ratio: float = 0.0
+
+    def grad_accumulation_steps(self, world_size: int) -> int:
+        per_step = self.per_device_batch_size * world_size
+        total = self.global_batch_size or per_step
+        if total % per_step:
+            raise ValueError(
+                f"--vla.global_batch_size {total} is not a multiple of --vla.per_device_batch_size "
+                f"{self.per_device_batch_size} x world size {world_size} = {per_step}"
+            )
+        return total // per_step
+
+    def validate_optim(self, world_size: int) -> None:
+        if self.lr_scheduler_type not in LR_SCHEDULES:
+            raise ValueError(f"--vla.lr_scheduler_type must be one of {list(LR_SCHEDULES)}; "
+                             f"found {self.lr_scheduler_type!r}")
+        for flag, value in (("max_steps", self.max_steps), ("per_device_batch_size", self.per_device_batch_size)):
+            if value < 1:
+                raise ValueError(f"--vla.{flag} must be >= 1; found {value}")
+        if self.learning_rate < 0:
+            raise ValueError(f"--vla.learning_rate must be >= 0; found {self.learning_rate}")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError(f"--vla.warmup_ratio must be in [0, 1); found {self.warmup_ratio}")
+        if self.expected_world_size is not None and self.expected_world_size != world_size:
+            raise ValueError(
+                f"--vla.expected_world_size is {self.expected_world_size} but torchrun started {world_size} processes"
+            )
+        self.grad_accumulation_steps(world_size)
+
+
+@dataclass
+class VLAConfig(ModelConfig, LoraConfig, DataConfig, OptimConfig, draccus.ChoiceRegistry):
+    @classmethod
+    def default_choice_name(cls) -> str:
+        """The user's templates never pass --vla.type."""
+        return "openvla-7b+libero"
+
+    def validate(self, world_size: int) -> None:
+        self.validate_model()
+        self.validate_optim(world_size)
+        self.validate_lora(world_size)
 
 
 @VLAConfig.register_subclass("openvla-7b+libero")

@@ -5,6 +5,7 @@ from typing import Dict, Iterator
 import numpy as np
 import torch
 
+from craft.anchor_cache import AnchorCache, anchor_indices
 from prismatic.models.vla import IGNORE_INDEX
 from prismatic.vla.action_tokenizer import ActionTokenizer
 from prismatic.vla.batching import PaddedCollator, training_example
@@ -38,6 +39,20 @@ def anchor_inputs(rows: Dict[str, np.ndarray], processor) -> Dict[str, torch.Ten
         "input_ids": torch.from_numpy(rows["input_ids"].astype(np.int64)),
         "attention_mask": torch.from_numpy(np.asarray(rows["attention_mask"], dtype=bool)),
     }
+
+
+class AnchorBatches:
+    """This rank's anchor micro-batches by draw number, so a resumed run draws what the first run would have."""
+
+    def __init__(self, cache: AnchorCache, processor, batch_size: int, seed: int, rank: int, world_size: int):
+        self.cache, self.processor, self.batch_size = cache, processor, batch_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+
+    def draw(self, draw: int) -> Dict[str, torch.Tensor]:
+        indices = anchor_indices(draw, self.batch_size, self.cache.num_anchors, self.seed, rank=self.rank,
+                                 world_size=self.world_size)
+        rows = self.cache.batch(indices)
+        return {**anchor_inputs(rows, self.processor), "target_features": torch.from_numpy(rows["target_features"])}
 
 
 def to_device(batch: Dict[str, torch.Tensor], device: torch.device) -> Dict[str, torch.Tensor]:

@@ -3,7 +3,8 @@
 `<run_dir>/checkpoints/step-NNNNNN/` is an OpenVLA checkpoint folder (config.json, safetensors,
 tokenizer, dataset_statistics.json: it loads wherever OpenVLA checkpoints load; with LoRA, the base
 and adapters merged, unless merge_on_save is off) plus `adapter_model.safetensors` with LoRA, plus
-what resuming needs: `trainer_state.json` (step, CRaFT dual state, data position), `optimizer/` (sharded
+what resuming needs: `trainer_state.json` (step, CRaFT dual state, data position), `train_config.json`
+(every flag of the run, compared with the flags of a resume before any work), `optimizer/` (sharded
 optimizer state), `scheduler.pt`, `rng/rank-R.pt`. Everything is written into `step-NNNNNN.partial/`
 and renamed at the end; `latest` is the newest folder without that suffix.
 """
@@ -25,11 +26,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from safetensors.torch import load_file, save_file
 
+from prismatic.conf.train import resume_breaking_changes
 from prismatic.models import save_pretrained
 from prismatic.models.lora import adapter_state_dict, merged_state_dict
 from prismatic.training.distributed import DistEnv
 
 STATE_FILE = "trainer_state.json"
+CONFIG_FILE = "train_config.json"
 ADAPTER_FILE = "adapter_model.safetensors"
 PARTIAL = ".partial"
 
@@ -58,6 +61,32 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
         raise FileNotFoundError(f"--resume_from {path}: expected a checkpoint folder holding {STATE_FILE}; "
                                 f"found {'no such folder' if not path.is_dir() else sorted(x.name for x in path.iterdir())}")
     return path
+
+
+def check_resume_matches(path: Path, config: dict, world_size: int) -> List[str]:
+    """Reads only two small files: stops, naming every flag whose change breaks exact resume, or returns
+    notes on what could not be checked or changes in meaning."""
+    state = json.loads((path / STATE_FILE).read_text())
+    changes = [] if state["world_size"] == world_size else \
+        [f"world size (torchrun processes) {state['world_size']} -> {world_size}"]
+    saved_file = path / CONFIG_FILE
+    if not saved_file.is_file():
+        if changes:
+            raise ValueError(f"--resume_from {path}: exact resume needs the same launch; changed: {changes[0]}")
+        return [f"{path} holds no {CONFIG_FILE} (an older checkpoint): the flags were not compared with it"]
+    saved = json.loads(saved_file.read_text())
+    changes += resume_breaking_changes(saved, config)
+    if changes:
+        raise ValueError(f"--resume_from {path}: exact resume needs the flags the run was started with; changed: "
+                         f"{'; '.join(changes)}. Launch with the values in {saved_file}, or start a new run "
+                         "(another --run_id)")
+    notes = []
+    old_steps, new_steps = saved["vla"]["max_steps"], config["vla"]["max_steps"]
+    if old_steps != new_steps and (config["vla"]["lr_scheduler_type"] != "constant"
+                                   or config["craft"]["epsilon_schedule"] != "constant"):
+        notes.append(f"--vla.max_steps {old_steps} -> {new_steps}: the learning-rate / epsilon schedules "
+                     "stretch to the new length from here on")
+    return notes
 
 
 def _barrier(env: DistEnv) -> None:
@@ -97,8 +126,9 @@ def load_adapters(model, path: Path) -> None:
 
 
 def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_statistics: dict, optimizer, scheduler,
-                    trainer_state: dict, env: DistEnv, keep_last: Optional[int], lora_scaling: Optional[float] = None,
-                    merge_lora: bool = True, source_dir: Optional[Path] = None) -> Path:
+                    trainer_state: dict, train_config: dict, env: DistEnv, keep_last: Optional[int],
+                    lora_scaling: Optional[float] = None, merge_lora: bool = True,
+                    source_dir: Optional[Path] = None) -> Path:
     final = checkpoint_path(run_dir, step)
     partial = final.with_name(final.name + PARTIAL)
     if env.is_main:
@@ -125,6 +155,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_stati
     if env.is_main:
         torch.save(scheduler.state_dict(), partial / "scheduler.pt")
         (partial / STATE_FILE).write_text(json.dumps({**trainer_state, "world_size": env.world_size}, indent=2))
+        (partial / CONFIG_FILE).write_text(json.dumps(train_config, indent=2))
         if final.exists():
             shutil.rmtree(final)
         partial.rename(final)
@@ -137,10 +168,7 @@ def save_checkpoint(run_dir: Path, step: int, *, model, tokenizer, dataset_stati
 
 def load_training_state(path: Path, *, model, optimizer, scheduler, env: DistEnv) -> dict:
     """Optimizer, scheduler and this rank's RNG streams; returns trainer_state.json. Weights load separately."""
-    state = json.loads((path / STATE_FILE).read_text())
-    if state["world_size"] != env.world_size:
-        raise ValueError(f"--resume_from {path} was written by {state['world_size']} processes; this launch has "
-                         f"{env.world_size} (exact resume needs the same world size)")
+    state = json.loads((path / STATE_FILE).read_text())  # its world size matched in the pre-flight checks
     holder = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     # Partial: parameters that never received a gradient (e.g. the unused last ViT block) have no saved state.
     dcp.load(holder, checkpoint_id=str(path / "optimizer"), no_dist=not env.distributed,

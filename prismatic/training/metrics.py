@@ -3,7 +3,7 @@
 import json
 import math
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -31,12 +31,19 @@ def _fmt(value) -> str:
     return str(value)
 
 
+CONSOLE_KEYS = ("step", *CRAFT_LOG_FIELDS, "action_accuracy", "learning_rate", "step_time_s")
+EVAL_CONSOLE_KEYS = ("step", "epsilon", "eval/heldout_L_ret", "eval/heldout_frac_over_eps", "eval/train_L_ret",
+                     "eval/val_L_act", "eval/val_action_accuracy", "eval/val_l1", "eval/retention_action_accuracy",
+                     "eval_time_s")
+
+
 class ConsoleSink:
-    KEYS = ("step", *CRAFT_LOG_FIELDS, "action_accuracy", "learning_rate", "step_time_s")
+    def __init__(self, keys=CONSOLE_KEYS, prefix: str = ""):
+        self.keys, self.prefix = keys, prefix
 
     def log(self, record: dict) -> None:
-        print(" ".join(f"{k}={_fmt(record.get(k))}" for k in self.KEYS) + (" SKIPPED" if record.get("skipped") else ""),
-              flush=True)
+        print(self.prefix + " ".join(f"{k}={_fmt(record[k])}" for k in self.keys if k in record)
+              + (" SKIPPED" if record.get("skipped") else ""), flush=True)
 
     def close(self) -> None:
         pass
@@ -70,15 +77,19 @@ class WandbSink:
 
 
 class Metrics:
-    """Fans each step's record out to every sink."""
+    """Fans each step's record out to every sink, and each evaluation row to the evaluation sinks."""
 
-    def __init__(self, sinks: List):
-        self.sinks = sinks
+    def __init__(self, sinks: List, eval_sinks: Sequence = ()):
+        self.sinks, self.eval_sinks = sinks, list(eval_sinks)
 
     def log(self, record: dict) -> None:
         for sink in self.sinks:
             sink.log(record)
 
+    def log_eval(self, row: dict) -> None:
+        for sink in self.eval_sinks:
+            sink.log(row)
+
     def close(self) -> None:
-        for sink in self.sinks:
+        for sink in {id(sink): sink for sink in self.sinks + self.eval_sinks}.values():  # W&B may be in both
             sink.close()

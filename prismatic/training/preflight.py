@@ -14,11 +14,12 @@ from typing import List, Optional
 import torch
 
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
-from prismatic.conf.train import TRACKERS, TrainConfig
+from prismatic.conf.train import TrainConfig, config_dict
+from prismatic.models.checkpoint import check_weight_files
 from prismatic.models.config import VLAModelConfig
 from prismatic.models.quantize import bitsandbytes_available
-from prismatic.training.checkpointing import resolve_resume
-from prismatic.training.distributed import SHARDING_STRATEGIES, DistEnv, dist_env_from_environ
+from prismatic.training.checkpointing import check_resume_matches, resolve_resume
+from prismatic.training.distributed import DistEnv, dist_env_from_environ
 from prismatic.vla.datasets import check_data_root, resolve_mixture
 
 
@@ -60,61 +61,45 @@ def preflight(cfg: TrainConfig) -> Plan:
 def _preflight(cfg: TrainConfig) -> Plan:
     env = dist_env_from_environ()
     world_size = env.world_size
-    cfg.vla.validate(world_size)
-    cfg.craft.validate()
+    cfg.validate(world_size)
     if cfg.vla.base_quantization != "none" and not bitsandbytes_available():
         raise ValueError(f"--vla.base_quantization {cfg.vla.base_quantization} needs the bitsandbytes package, "
                          "which is not installed (pip install bitsandbytes), or --vla.base_quantization none")
-    notes = []
+    notes: List[str] = []
+    run_id = cfg.make_run_id()
+    run_dir = Path(cfg.run_root_dir) / run_id
+    resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
+    if resume_path is not None:
+        notes += check_resume_matches(resume_path, config_dict(cfg), world_size)
     mixture = resolve_mixture(cfg.vla.data_mix)
     if not cfg.vla.data_mix.startswith("libero"):
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
                       "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
     check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
-    run_id = cfg.make_run_id()
-    run_dir = Path(cfg.run_root_dir) / run_id
-    resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
-    model_config = _read_model_config(cfg.pretrained_checkpoint if cfg.vla.use_lora or not resume_path else resume_path)
+    weights_from = cfg.pretrained_checkpoint if cfg.vla.use_lora or not resume_path else resume_path
+    model_config = _read_model_config(weights_from)
+    check_weight_files(weights_from)  # a truncated or damaged file is named now, not deep inside the loader
     n_states = model_config.num_hidden_layers + 1
 
     cache = None
-    if cfg.craft.enabled:
-        if not -n_states <= cfg.craft.hidden_layer < n_states:
-            raise ValueError(
-                f"--craft.hidden_layer must index the model's {n_states} hidden states "
-                f"(from {-n_states} to {n_states - 1}); found {cfg.craft.hidden_layer}"
-            )
-        cache_meta = read_meta(cfg.craft.anchor_cache_dir)
-        check_cache_matches(
-            cache_meta, hidden_layer=cfg.craft.hidden_layer, pooling=cfg.craft.pooling,
-            dtype=cfg.vla.compute_dtype, hidden_dim=model_config.hidden_size,
-            anchor_batch_size=cfg.craft.anchor_batch_size, cache_dir=cfg.craft.anchor_cache_dir,
+    if cfg.craft.enabled and not -n_states <= cfg.craft.hidden_layer < n_states:
+        raise ValueError(
+            f"--craft.hidden_layer must index the model's {n_states} hidden states "
+            f"(from {-n_states} to {n_states - 1}); found {cfg.craft.hidden_layer}"
         )
-        cache = AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
-        produced_by = cache_meta.get("model", {}).get("checkpoint")
+    if cfg.craft.anchor_cache_dir is not None:  # with --craft.enabled false, the cache serves the drift evaluation
+        cache = _open_cache(cfg, model_config)
+        produced_by = cache.meta.get("model", {}).get("checkpoint")
         if produced_by and cfg.pretrained_checkpoint and \
                 Path(produced_by).resolve() != Path(cfg.pretrained_checkpoint).resolve():
             notes.append(f"the anchor cache was built from {produced_by}, training starts from "
                          f"{cfg.pretrained_checkpoint}: L_ret > 0 from the first step")
 
-    for tracker in cfg.trackers:
-        if tracker not in TRACKERS:
-            raise ValueError(f"--trackers must be a subset of {list(TRACKERS)}; found {tracker!r}")
-    if cfg.save_interval < 1:
-        raise ValueError(f"--save_interval must be >= 1; found {cfg.save_interval}")
-    if cfg.keep_last_checkpoints is not None and cfg.keep_last_checkpoints < 1:
-        raise ValueError(f"--keep_last_checkpoints must be >= 1 (or null to keep all); found {cfg.keep_last_checkpoints}")
-    if cfg.sharding_strategy not in SHARDING_STRATEGIES:
-        raise ValueError(f"--sharding_strategy must be one of {list(SHARDING_STRATEGIES)}; found {cfg.sharding_strategy!r}")
     if world_size % env.local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the processes per node {env.local_world_size}")
-    if cfg.dist_timeout_s < 1:
-        raise ValueError(f"--dist_timeout_s must be >= 1; found {cfg.dist_timeout_s}")
-    if cfg.dry_run_batches < 0:
-        raise ValueError(f"--dry_run_batches must be >= 0; found {cfg.dry_run_batches}")
 
     if resume_path is None and not cfg.dry_run_batches and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
@@ -126,6 +111,21 @@ def _preflight(cfg: TrainConfig) -> Plan:
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
         mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
     )
+
+
+def _open_cache(cfg: TrainConfig, model_config: VLAModelConfig) -> AnchorCache:
+    """The guide's cache checks against the run; a plain fine-tuning run is held only to what its drift
+    evaluation needs (the cache's own layer and pooling, this model's width and compute dtype)."""
+    meta = read_meta(cfg.craft.anchor_cache_dir)
+    craft = cfg.craft if cfg.craft.enabled else None
+    check_cache_matches(
+        meta, hidden_layer=craft.hidden_layer if craft else meta["hidden_layer"],
+        pooling=craft.pooling if craft else meta["pooling"], dtype=cfg.vla.compute_dtype,
+        hidden_dim=model_config.hidden_size, anchor_batch_size=craft.anchor_batch_size if craft else 1,
+        cache_dir=cfg.craft.anchor_cache_dir, dtype_flag="--vla.enable_mixed_precision_training",
+        model_flag="--pretrained_checkpoint",
+    )
+    return AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
 
 
 def _read_model_config(checkpoint: Path) -> VLAModelConfig:

@@ -8,8 +8,7 @@ steps -> logs and checkpoints. `--craft.enabled false` runs exactly the baseline
 import json
 import random
 import time
-from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import dataclass
 from typing import List, Optional
 
 import draccus
@@ -18,26 +17,24 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from craft.anchor_cache import AnchorCache, anchor_indices
 from craft.dual import RetentionConstraint
-from craft.retention import anchor_features, pool_hidden, retention_loss
-from craft.one_pass import RowGroupSplit
-from craft.step import Collective, StepResult, baseline_step, craft_step, craft_step_one_pass
-from prismatic.conf.train import TrainConfig
+from craft.step import StepResult
+from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
 from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
-from prismatic.training.batches import ActionBatches, anchor_inputs, joint_batch, to_device
+from prismatic.training.batches import ActionBatches, AnchorBatches, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
+from prismatic.training.evaluation import Evaluator, build_evaluator
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
-from prismatic.training.distributed import FSDPCollective, init_process_group, shard_model
-from prismatic.training.metrics import ConsoleSink, JsonlSink, Metrics, WandbSink, action_metrics
+from prismatic.training.distributed import init_process_group, shard_model
+from prismatic.training.metrics import EVAL_CONSOLE_KEYS, ConsoleSink, JsonlSink, Metrics, WandbSink
+from prismatic.training.objective import Objective
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
 from prismatic.training.prefetch import prefetch
 from prismatic.training.preflight import Plan, preflight
 from prismatic.training.report import dry_run_report
 from prismatic.training.stages import apply_train_stage
-from prismatic.vla.action_tokenizer import ActionTokenizer
 from prismatic.vla.batching import PaddedCollator
 from prismatic.vla.datasets import RLDSStream
 
@@ -60,145 +57,165 @@ def train(cfg: TrainConfig) -> List[dict]:
             dist.destroy_process_group()
 
 
+@dataclass
+class Job:
+    """The running job: what a step, a checkpoint or an evaluation needs. An evaluation (every N steps, at
+    each checkpoint, at the end) reads the model, processor, tokenizer, `objective.action_tokenizer`,
+    `plan.cache`, `constraint.epsilon`, `plan.env` / `plan.device` and `objective.autocast()` from here."""
+
+    cfg: TrainConfig
+    plan: Plan
+    model: torch.nn.Module
+    tokenizer: object
+    processor: ImageProcessor
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    constraint: Optional[RetentionConstraint]  # None: the baseline (--craft.enabled false)
+    actions: ActionBatches
+    anchors: Optional[AnchorBatches]
+    evaluator: Optional[Evaluator]  # None: no evaluation in this run (a dry run, unless asked)
+    dataset_statistics: dict
+    frames_per_step: int  # per rank
+    start: int  # steps already done (resumed)
+
+    def retention_step(self, step: int) -> bool:
+        """Whether `step` (counted from 0) is a CRaFT step: every --craft.retention_interval-th; else the
+        baseline step."""
+        return self.constraint is not None and step % self.cfg.craft.retention_interval == 0
+
+    def evaluate(self, step: int, metrics: Metrics) -> None:
+        """Every rank evaluates its share; the budget is the schedule's at `step`, CRaFT or not, so plain
+        fine-tuning is counted against the same epsilon."""
+        epsilon = RetentionConstraint.from_config(self.cfg.craft, self.cfg.vla.max_steps).schedule(step)
+        metrics.log_eval(self.evaluator(step, epsilon))
+
+    def evaluation_due(self, steps_done: int, end: int) -> bool:
+        interval = self.cfg.eval.interval
+        return self.evaluator is not None and (
+            (interval > 0 and steps_done % interval == 0) or steps_done % self.cfg.save_interval == 0
+            or steps_done == end)
+
+
 def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
-    env, device = plan.env, plan.device
-    if env.is_main:
+    if plan.env.is_main:
         for note in plan.notes:
             print(f"note: {note}", flush=True)
     seed_everything(cfg.seed)
-
-    mixed = cfg.vla.enable_mixed_precision_training
-    model, tokenizer, model_config = _build_model(cfg, plan)
-    one_pass = cfg.craft.enabled and cfg.craft.step_impl == "one_pass"
-    split = RowGroupSplit(action_only=[model.language_model.lm_head]) if one_pass else None
-    if one_pass and cfg.vla.enable_gradient_checkpointing:  # the recomputed forward must be split too
-        model.gradient_checkpointing_enable(context_fn=split.recompute_context)
-    collective = FSDPCollective(model, env, device, cfg.sharding_strategy, split) if env.distributed \
-        else Collective()
-    # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if mixed and not env.distributed else nullcontext()
-    params = [p for p in model.parameters() if p.requires_grad]
-    stash_dtype = getattr(torch, cfg.craft.grad_stash_dtype) if cfg.craft.grad_stash_dtype else None
-    optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
-    scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
-    constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
-
-    start = 0
-    if plan.resume_path is not None:
-        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
-        start = state["step"]
-        if constraint is not None:
-            constraint.load_state_dict(state["craft"])
-    accum = plan.grad_accumulation_steps
-    frames_per_step = cfg.vla.per_device_batch_size * accum
-    stream = RLDSStream(cfg.data_root_dir, cfg.vla.data_mix, train=True, shuffle_buffer_size=cfg.vla.shuffle_buffer_size,
-                        image_aug=cfg.image_aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
-                        skip_frames=start * frames_per_step)
-    processor = ImageProcessor(model_config)
-    action_tokenizer = ActionTokenizer(n_bins=model_config.n_action_bins)
-    batches = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
-                            PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length), action_tokenizer)
-
-    def action_loss_fn(batch, micro_metrics: list):
-        def fn():
-            with autocast:
-                out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"])
-            micro_metrics.append(action_metrics(out.action_logits.detach(), out.action_targets, action_tokenizer))
-            return out.loss
-        return fn
-
-    def retention_from_hidden(hidden, batch):
-        features = pool_hidden(hidden, cfg.craft.pooling, model.image_token_slice, batch["attention_mask"])
-        return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
-
-    pause = model.activation_checkpointing_paused if not cfg.craft.anchor_checkpointing else nullcontext
-
-    def retention_loss_fn(batch):
-        def fn():
-            with autocast, pause():
-                features = anchor_features(model, batch, cfg.craft.hidden_layer, cfg.craft.pooling)
-            return retention_loss(features, batch["target_features"], cfg.craft.retention_loss_type)
-        return fn
-
-    def joint_loss_fn(batch, micro_metrics: list):
-        """One forward over [action; anchor] rows: L_act on the first rows, L_ret from the others."""
-        n = batch["n_action_rows"]
-
-        def fn():
-            with autocast:
-                out = model(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], labels=batch["labels"],
-                            output_hidden_states=True)
-            micro_metrics.append(action_metrics(out.action_logits.detach(), out.action_targets, action_tokenizer))
-            anchors = {"attention_mask": batch["attention_mask"][n:], "target_features": batch["target_features"]}
-            return out.loss, retention_from_hidden(out.hidden_states[cfg.craft.hidden_layer][n:], anchors)
-        return fn, n, batch["input_ids"].shape[0]
-
     dry_run = cfg.dry_run_batches > 0
+    job = _build_job(cfg, plan, evaluate=not dry_run or cfg.eval.during_dry_run)
     end = cfg.dry_run_batches if dry_run else cfg.vla.max_steps
-
-    def step_inputs():
-        """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
-        for step in range(start, end):
-            acts = [next(batches) for _ in range(accum)]
-            anchors = [_anchor_batch(plan.cache, step * accum + k, cfg, processor, env) for k in range(accum)] \
-                if constraint is not None else []
-            yield acts, anchors
-
-    metrics = _open_sinks(cfg, plan, stream.statistics, start) if env.is_main and not dry_run else \
-        Metrics([ConsoleSink()] if env.is_main else [])
+    metrics = _open_sinks(cfg, plan, job.dataset_statistics, job.start) if plan.env.is_main and not dry_run else \
+        Metrics([ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]) if plan.env.is_main else Metrics([])
     records = []
-    inputs = prefetch(step_inputs())
+    inputs = prefetch(_step_inputs(job, end))
     try:
-        for step in range(start, end):
-            t0 = time.perf_counter()
-            acts, anchors = next(inputs)
-            act_batches = [to_device(b, device) for b in acts]
-            ret_batches = [to_device(b, device) for b in anchors]
-            t_data = time.perf_counter() - t0
-            micro_metrics: list = []
-            act_fns = [action_loss_fn(b, micro_metrics) for b in act_batches]
-            if one_pass:
-                joint = [joint_loss_fn(joint_batch(a, r, tokenizer.pad_token_id), micro_metrics)
-                         for a, r in zip(act_batches, ret_batches)]
-                result = craft_step_one_pass(params, optimizer, constraint, joint, split, cfg.vla.max_grad_norm,
-                                             collective, stash_dtype)
-            elif constraint is not None:
-                result = craft_step(params, optimizer, constraint, act_fns, [retention_loss_fn(b) for b in ret_batches],
-                                    cfg.vla.max_grad_norm, collective, stash_dtype)
-            else:
-                result = baseline_step(params, optimizer, act_fns, cfg.vla.max_grad_norm, collective)
-            lr = scheduler.get_last_lr()[0]
-            if not result.skipped:
-                scheduler.step()
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            step_time = time.perf_counter() - t0
-            record = _record(step + 1, cfg, result, constraint, lr, micro_metrics, step_time, t_data,
-                             frames_per_step * env.world_size)
+        if job.evaluator is not None and cfg.eval.at_start and job.start == 0:
+            job.evaluate(0, metrics)
+        for step in range(job.start, end):
+            record = _train_step(job, step, next(inputs))
             metrics.log(record)
             records.append(record)
+            if job.evaluation_due(step + 1, end):
+                job.evaluate(step + 1, metrics)
             if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
-                trainer_state = {"step": step + 1, "craft": constraint.state_dict() if constraint else None,
-                                 "frames_per_rank": (step + 1) * frames_per_step, "run_id": plan.run_id}
-                save_checkpoint(plan.run_dir, step + 1, model=model, tokenizer=tokenizer,
-                                dataset_statistics=stream.statistics, optimizer=optimizer, scheduler=scheduler,
-                                trainer_state=trainer_state, env=env, keep_last=cfg.keep_last_checkpoints,
-                                lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
-                                merge_lora=cfg.vla.merge_on_save, source_dir=cfg.pretrained_checkpoint)
+                _save(job, step + 1)
     finally:
         inputs.close()
         metrics.close()
-    if dry_run and env.is_main:
-        total, trainable = parameter_counts(model)
-        print(dry_run_report(cfg, plan, records, total, trainable, device), flush=True)
+    if dry_run and plan.env.is_main:
+        total, trainable = parameter_counts(job.model)
+        print(dry_run_report(cfg, plan, records, total, trainable, plan.device), flush=True)
     return records
+
+
+def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
+    """Model, objective, optimizer, then the saved state when resuming, then the data from where it stopped,
+    and the evaluator."""
+    env, device = plan.env, plan.device
+    model, tokenizer, model_config = _build_model(cfg, plan)
+    # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
+    mixed = cfg.vla.enable_mixed_precision_training and not env.distributed
+    objective = Objective.build(model, cfg.craft, env=env, device=device, sharding_strategy=cfg.sharding_strategy,
+                                autocast_dtype=torch.bfloat16 if mixed else None,
+                                gradient_checkpointing=cfg.vla.enable_gradient_checkpointing,
+                                max_grad_norm=cfg.vla.max_grad_norm)
+    optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
+    scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
+    constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
+    start, frames_done = 0, 0
+    if plan.resume_path is not None:
+        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
+        start, frames_done = state["step"], state["frames_per_rank"]
+        if constraint is not None:
+            constraint.load_state_dict(state["craft"])
+    stream = RLDSStream(cfg.data_root_dir, cfg.vla.data_mix, train=True, shuffle_buffer_size=cfg.vla.shuffle_buffer_size,
+                        image_aug=cfg.image_aug, seed=cfg.seed, rank=env.rank, world_size=env.world_size,
+                        skip_frames=frames_done)
+    processor = ImageProcessor.from_pretrained(_weights_source(cfg, plan), model_config)
+    actions = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
+                            PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length),
+                            objective.action_tokenizer)
+    anchors = AnchorBatches(plan.cache, processor, cfg.craft.anchor_batch_size, cfg.craft.anchor_seed, env.rank,
+                            env.world_size) if constraint is not None else None
+    evaluator = build_evaluator(
+        cfg.eval, model, cache=plan.cache, loss_type=cfg.craft.retention_loss_type, processor=processor,
+        tokenizer=tokenizer, action_tokenizer=objective.action_tokenizer, max_length=model_config.llm_max_length,
+        data_root_dir=cfg.data_root_dir, data_mix=cfg.vla.data_mix, batch_size=cfg.vla.per_device_batch_size,
+        device=device, autocast=objective.autocast, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
+    ) if evaluate else None
+    if evaluator is not None and env.is_main:
+        for note in evaluator.notes:
+            print(f"note: {note}", flush=True)
+    return Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, actions, anchors,
+               evaluator, stream.statistics, frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps,
+               start=start)
+
+
+def _step_inputs(job: Job, end: int):
+    """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
+    accum = job.plan.grad_accumulation_steps
+    for step in range(job.start, end):
+        yield ([next(job.actions) for _ in range(accum)],
+               [job.anchors.draw(step * accum + k) for k in range(accum)] if job.retention_step(step) else [])
+
+
+def _train_step(job: Job, step: int, inputs) -> dict:
+    """One optimizer step on this rank's inputs; returns its metrics row (step counts from 1)."""
+    t0 = time.perf_counter()
+    device = job.plan.device
+    acts, anchors = ([to_device(b, device) for b in batches] for batches in inputs)
+    t_data = time.perf_counter() - t0
+    constraint = job.constraint if job.retention_step(step) else None
+    result, action_metrics = job.objective.step(job.optimizer, constraint, acts, anchors,
+                                                next_step=step + job.cfg.craft.retention_interval)
+    lr = job.scheduler.get_last_lr()[0]
+    if not result.skipped:
+        job.scheduler.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    step_time = time.perf_counter() - t0
+    return _record(step + 1, job.cfg, result, job.constraint, lr, action_metrics, step_time, t_data,
+                   job.frames_per_step * job.plan.env.world_size)
+
+
+def _save(job: Job, step: int) -> None:
+    cfg, plan = job.cfg, job.plan
+    trainer_state = {"step": step, "craft": job.constraint.state_dict() if job.constraint else None,
+                     "frames_per_rank": step * job.frames_per_step, "run_id": plan.run_id}
+    save_checkpoint(plan.run_dir, step, model=job.model, tokenizer=job.tokenizer,
+                    dataset_statistics=job.dataset_statistics, optimizer=job.optimizer, scheduler=job.scheduler,
+                    trainer_state=trainer_state, train_config=config_dict(cfg), env=plan.env,
+                    keep_last=cfg.keep_last_checkpoints, merge_lora=cfg.vla.merge_on_save,
+                    lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
+                    source_dir=cfg.pretrained_checkpoint)
 
 
 def _build_model(cfg: TrainConfig, plan: Plan):
     """The weights to start from (the checkpoint being resumed, or the pretrained one plus adapters), in
     train mode, sharded with several processes."""
     vla, env = cfg.vla, plan.env
-    source = plan.resume_path if plan.resume_path is not None and not vla.use_lora else cfg.pretrained_checkpoint
+    source = _weights_source(cfg, plan)
     if env.distributed and not vla.use_lora:
         return _sharded_from_rank0(source, cfg, plan)
     # A frozen LoRA base needs no fp32 master copy; FSDP keeps it fp32 and casts for compute itself.
@@ -216,6 +233,11 @@ def _build_model(cfg: TrainConfig, plan: Plan):
         apply_train_stage(model, vla.train_stage)
     _prepare_for_training(model, cfg, plan)
     return model, tokenizer, config
+
+
+def _weights_source(cfg: TrainConfig, plan: Plan):
+    """The checkpoint being resumed, or (also under LoRA, whose checkpoints hold adapters) the pretrained one."""
+    return plan.resume_path if plan.resume_path is not None and not cfg.vla.use_lora else cfg.pretrained_checkpoint
 
 
 def _prepare_for_training(model, cfg: TrainConfig, plan: Plan) -> None:
@@ -242,15 +264,8 @@ def _sharded_from_rank0(source, cfg: TrainConfig, plan: Plan):
     return model, read_tokenizer(source), config
 
 
-def _anchor_batch(cache: AnchorCache, draw: int, cfg: TrainConfig, processor, env) -> dict:
-    indices = anchor_indices(draw, cfg.craft.anchor_batch_size, cache.num_anchors, cfg.craft.anchor_seed,
-                             rank=env.rank, world_size=env.world_size)
-    rows = cache.batch(indices)
-    return {**anchor_inputs(rows, processor), "target_features": torch.from_numpy(rows["target_features"])}
-
-
 def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optional[RetentionConstraint], lr: float,
-            micro_metrics: List[dict], step_time: float, data_time: float, samples: int) -> dict:
+            action_metrics: dict, step_time: float, data_time: float, samples: int) -> dict:
     """The eight CRaFT fields under the user's names, then what else a user expects to watch."""
     craft = constraint is not None
     record = {
@@ -270,30 +285,40 @@ def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optiona
         "data_time_s": data_time,
         "samples_per_s": samples / step_time,
     }
-    for key in ("action_accuracy", "l1_loss"):  # this rank's micro-batches (rank 0 logs)
-        values = [m[key] for m in micro_metrics]
-        record[key] = float(np.mean(values)) if values else None
+    record.update(action_metrics)
     return record
 
 
 def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict, start: int) -> Metrics:
-    """Rank 0's sinks. On resume, log rows past the checkpoint are moved aside, not lost."""
+    """Rank 0's sinks: step rows to metrics.jsonl, evaluation rows to eval.jsonl, both to the console and W&B.
+    On resume, rows past the checkpoint are moved aside, not lost."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(draccus.dump(cfg))
     (plan.run_dir / "dataset_statistics.json").write_text(json.dumps(dataset_statistics, indent=2))
-    log = plan.run_dir / "metrics.jsonl"
-    if start and log.exists():
-        lines = log.read_text().splitlines()
-        kept = [line for line in lines if json.loads(line)["step"] <= start]
-        if len(kept) < len(lines):
-            stamp = time.strftime("%Y%m%d-%H%M%S")
-            (plan.run_dir / f"metrics.superseded-{stamp}.jsonl").write_text(
-                "\n".join(line for line in lines if json.loads(line)["step"] > start) + "\n")
-            log.write_text("".join(line + "\n" for line in kept))
-    sinks = [ConsoleSink()]
+    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval")}
+    if start:
+        for log in logs.values():
+            _set_aside_rows_after(log, start)
+    sinks, eval_sinks = [ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]
     if "jsonl" in cfg.trackers:
-        sinks.append(JsonlSink(log))
+        sinks.append(JsonlSink(logs["metrics"]))
+        eval_sinks.append(JsonlSink(logs["eval"]))
     if "wandb" in cfg.trackers:
-        sinks.append(WandbSink(plan.run_dir, plan.run_id, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode,
-                               config=json.loads(json.dumps(asdict(cfg), default=str))))
-    return Metrics(sinks)
+        wandb = WandbSink(plan.run_dir, plan.run_id, cfg.wandb_project, cfg.wandb_entity, cfg.wandb_mode,
+                          config=config_dict(cfg))
+        sinks.append(wandb)
+        eval_sinks.append(wandb)
+    return Metrics(sinks, eval_sinks)
+
+
+def _set_aside_rows_after(log, step: int) -> None:
+    """Rows of `log` past `step` go to `<name>.superseded-<time>.jsonl` beside it."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines()
+    kept = [line for line in lines if json.loads(line)["step"] <= step]
+    if len(kept) < len(lines):
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        log.with_name(f"{log.stem}.superseded-{stamp}.jsonl").write_text(
+            "\n".join(line for line in lines if json.loads(line)["step"] > step) + "\n")
+        log.write_text("".join(line + "\n" for line in kept))

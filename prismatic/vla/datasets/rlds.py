@@ -30,11 +30,12 @@ def _read_trajectories(builder, config: DatasetConfig, split: str, *, shuffle_fi
         if config.standardize is not None:
             traj = config.standardize(traj)
         obs = traj["observation"]
+        action = tf.cast(traj["action"], tf.float32)
         return {
             "image": obs[config.image_obs_keys["primary"]],
-            "action": tf.cast(traj["action"], tf.float32),
+            "action": action,
             "instruction": traj["language_instruction"],
-            "episode_id": tf.fill([length], episode["tfds_id"]),
+            "episode_id": tf.fill([tf.shape(action)[0]], episode["tfds_id"]),
         }
 
     trajectories = builder.as_dataset(
