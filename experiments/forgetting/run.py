@@ -39,7 +39,7 @@ class ForgettingConfig:
     settings: Tuple[str, ...] = ("new_tasks", "conflict")
     arms: Optional[Tuple[str, ...]] = None  # None: every arm (new_tasks) and arms.CONFLICT_ARMS (conflict)
     seed: int = 0
-    # Data: tasks per dataset, episodes per task (5 % of episodes are the validation split), frames per episode
+    # Data: tasks per dataset, episodes per task (one in 20 is in the validation split), frames per episode
     # (few frames: the marker that tells the step takes few positions, which the tiny model learns to read in
     # ~1000 steps; at 10 or 25 positions it had not after 500-800).
     num_tasks: int = 4
