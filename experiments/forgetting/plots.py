@@ -9,14 +9,16 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from summary import HELDOUT, OLD_ACC, VAL_ACC, read_jsonl  # noqa: E402
+from summary import HELDOUT, OLD_ACC, OLD_L1, VAL_ACC, VAL_L1, read_jsonl  # noqa: E402
 
-# (source file, key, panel title, log y-axis)
+# (source file, key, panel title, log y-axis), row by row
 PANELS = (
     ("eval.jsonl", HELDOUT, "held-out anchor drift (MSE)", True),
-    ("eval.jsonl", OLD_ACC, "A (old tasks) validation action accuracy", False),
-    ("eval.jsonl", VAL_ACC, "B (new data) validation action accuracy", False),
     ("metrics.jsonl", "lambda", "lambda (log axis: zeros not drawn)", True),
+    ("eval.jsonl", OLD_ACC, "A (old tasks) validation action accuracy", False),
+    ("eval.jsonl", OLD_L1, "A (old tasks) validation L1 (lower is better)", False),
+    ("eval.jsonl", VAL_ACC, "B (new data) validation action accuracy", False),
+    ("eval.jsonl", VAL_L1, "B (new data) validation L1 (lower is better)", False),
 )
 
 
@@ -34,7 +36,7 @@ def _series(run_dirs: List[Path], source: str, key: str):
 
 def plot_setting(runs: Dict[str, List[Path]], epsilon: float, title: str, out: Path) -> Path:
     """`runs`: {arm: run folders, one per seed}. Drift panels draw the tuned budget epsilon as a dashed line."""
-    fig, axes = plt.subplots(2, 2, figsize=(14, 9))
+    fig, axes = plt.subplots(3, 2, figsize=(14, 13))
     colours = plt.get_cmap("tab10")
     for ax, (source, key, panel, log) in zip(axes.flat, PANELS):
         plotted = False
