@@ -53,8 +53,8 @@ def _episodes(root: Path, name: str) -> list:
 
     builder = tfds.builder_from_directory(str(root / name / "1.0.0"))
     episodes = [list(ep["steps"]) for ep in tfds.as_numpy(builder.as_dataset(split="train"))]
-    return [{"instruction": steps[0]["language_instruction"].decode(), "actions": np.stack([s["action"] for s in steps])}
-            for steps in episodes]
+    return [{"instruction": steps[0]["language_instruction"].decode(),
+             "actions": np.stack([s["action"] for s in steps])} for steps in episodes]
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,8 @@ def test_short_experiment_end_to_end(short_run):
         lam = max(0.0, lam + step * (row["L_ret"] - cal["epsilon"]))
         assert row["lambda"] == pytest.approx(lam, rel=1e-6, abs=1e-12)
 
-    evals = {arm: experiment.read_jsonl(runs / f"new_tasks-{arm}-s1" / "eval.jsonl") for arm in ("plain", "craft_tuned")}
+    evals = {arm: experiment.read_jsonl(runs / f"new_tasks-{arm}-s1" / "eval.jsonl")
+             for arm in ("plain", "craft_tuned")}
     first = [rows[0] for rows in evals.values()]
     assert first[0]["step"] == first[1]["step"] == 0
     assert first[0]["eval/heldout_L_ret"] < 1e-8  # the pretrained model against its own cache

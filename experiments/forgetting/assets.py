@@ -1,4 +1,4 @@
-"""The experiment's fixed inputs: three synthetic datasets, a tiny OpenVLA pretrained on the old tasks, its anchor cache.
+"""The experiment's fixed inputs: three synthetic datasets, a tiny OpenVLA pretrained on the old tasks, its cache.
 
 All three datasets live under one data root with registered names, so the trainer reads each as a mixture:
 OLD (A) holds what the pretrained model knows, NEW (B) new tasks (other instructions, colours and actions),

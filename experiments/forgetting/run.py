@@ -186,8 +186,8 @@ def summarize(cfg: ForgettingConfig, cal: Calibration, runs: dict, pretrained: P
         summary["settings"][setting] = {"per_seed": per_seed, "per_arm": table}
         png = plot_setting({arm: [r.run_dir for r in rs] for arm, rs in mine.items()}, cal.epsilon,
                            f"{setting}: fine-tuning on {SETTINGS[setting]}, A = {OLD}", cfg.out / f"{setting}.png")
-        lines += [f"## {setting} ({SETTINGS[setting]}): mean ± std over seeds 1..{cfg.seeds}", "", markdown_table(table), "",
-                  f"![{setting}]({png.name})", ""]
+        lines += [f"## {setting} ({SETTINGS[setting]}): mean ± std over seeds 1..{cfg.seeds}", "",
+                  markdown_table(table), "", f"![{setting}]({png.name})", ""]
     (cfg.out / "summary.json").write_text(json.dumps(summary, indent=2))
     (cfg.out / "summary.md").write_text("\n".join(lines))
     return summary

@@ -30,7 +30,8 @@ def _task_colour(task: int, scene_slots: int) -> np.ndarray:
     return (np.array(rgb) * 255).astype(np.float32)
 
 
-def _render(task: int, scene_slots: int, progress: float, size: int, rng: np.random.Generator, wrist: bool) -> np.ndarray:
+def _render(task: int, scene_slots: int, progress: float, size: int, rng: np.random.Generator,
+            wrist: bool) -> np.ndarray:
     """Task colour as background with a dark band at a task-specific height, plus a white marker whose
     position tells the step."""
     image = np.broadcast_to(_task_colour(task, scene_slots), (size, size, 3)).copy()
