@@ -12,6 +12,8 @@ import argparse
 import colorsys
 from pathlib import Path
 
+from typing import Optional
+
 import numpy as np
 
 from prismatic.vla.datasets.libero_schema import write_libero_rlds
@@ -23,17 +25,18 @@ def _instruction(task: int) -> str:
     return base if task < len(INSTRUCTIONS) else f"{base} in scene {task // len(INSTRUCTIONS) + 1}"
 
 
-def _task_colour(task: int, num_tasks: int) -> np.ndarray:
-    rgb = colorsys.hsv_to_rgb(task / num_tasks, 0.7, 0.8)
+def _task_colour(task: int, scene_slots: int) -> np.ndarray:
+    rgb = colorsys.hsv_to_rgb(task / scene_slots, 0.7, 0.8)
     return (np.array(rgb) * 255).astype(np.float32)
 
 
-def _render(task: int, num_tasks: int, progress: float, size: int, rng: np.random.Generator, wrist: bool) -> np.ndarray:
+def _render(task: int, scene_slots: int, progress: float, size: int, rng: np.random.Generator,
+            wrist: bool) -> np.ndarray:
     """Task colour as background with a dark band at a task-specific height, plus a white marker whose
     position tells the step."""
-    image = np.broadcast_to(_task_colour(task, num_tasks), (size, size, 3)).copy()
-    band = int((task + 0.25) / num_tasks * size)
-    image[band : band + max(size // (2 * num_tasks), 1)] *= 0.3
+    image = np.broadcast_to(_task_colour(task, scene_slots), (size, size, 3)).copy()
+    band = int((task + 0.25) / scene_slots * size)
+    image[band : band + max(size // (2 * scene_slots), 1)] *= 0.3
     image += rng.integers(-10, 11, size=image.shape, dtype=np.int16)  # texture; cheap to draw
     side = max(size // 8, 2)
     x = int(progress * (size - side))
@@ -42,7 +45,7 @@ def _render(task: int, num_tasks: int, progress: float, size: int, rng: np.rando
     return np.clip(image, 0, 255).astype(np.uint8)
 
 
-def _episode(task: int, num_tasks: int, steps: int, size: int, rng: np.random.Generator, task_params: dict):
+def _episode(task: int, scene_slots: int, steps: int, size: int, rng: np.random.Generator, task_params: dict):
     """One episode: arm actions a_d(t) = amp_d sin(2 pi f_d t + phase_d) + noise, t in [0, 1]; the gripper
     opens (-1) until a task-specific time, then closes (+1)."""
     t = np.linspace(0.0, 1.0, steps, dtype=np.float64)
@@ -58,8 +61,8 @@ def _episode(task: int, num_tasks: int, steps: int, size: int, rng: np.random.Ge
 
     return {
         "observation": {
-            "image": [_render(task, num_tasks, p, size, rng, wrist=False) for p in t],
-            "wrist_image": [_render(task, num_tasks, p, size, rng, wrist=True) for p in t],
+            "image": [_render(task, scene_slots, p, size, rng, wrist=False) for p in t],
+            "wrist_image": [_render(task, scene_slots, p, size, rng, wrist=True) for p in t],
             "state": state,
             "joint_state": joints,
         },
@@ -81,29 +84,41 @@ def write_synthetic_libero(
     steps_per_episode: int = 20,
     image_size: int = 256,
     seed: int = 0,
+    first_task: int = 0,
+    scene_slots: Optional[int] = None,
+    action_seed: Optional[int] = None,
 ) -> Path:
     """Write `<data_root_dir>/<name>/1.0.0/` (same content for the same arguments) and return that path.
 
+    Several datasets can split one task space, for continual-learning experiments: tasks `first_task ..
+    first_task + num_tasks - 1` (the task number picks instruction, colour and band), laid out among
+    `scene_slots` colours and band heights (default: as many as the tasks written), with their action
+    parameters drawn from `action_seed` when given (the same scenes with other actions), else from `seed`.
     Refuses to write over an existing dataset folder, so a real download is never clobbered.
     """
     target = Path(data_root_dir) / name / "1.0.0"
     if target.exists():
         raise FileExistsError(f"{target} already exists; remove it or pick another --data_root_dir / --name")
+    scene_slots = scene_slots or first_task + num_tasks
+    if first_task < 0 or scene_slots < first_task + num_tasks:
+        raise ValueError(f"tasks {first_task}..{first_task + num_tasks - 1} need first_task >= 0 and scene_slots >= "
+                         f"{first_task + num_tasks}; found first_task {first_task}, scene_slots {scene_slots}")
     rng = np.random.default_rng(seed)
+    param_rng = rng if action_seed is None else np.random.default_rng(action_seed)
     params = [
         {
-            "amp": rng.uniform(0.3, 0.8, size=6),
-            "freq": rng.uniform(0.3, 1.2, size=6),
-            "phase": rng.uniform(0, 2 * np.pi, size=6),
-            "close_at": rng.uniform(0.3, 0.7),
+            "amp": param_rng.uniform(0.3, 0.8, size=6),
+            "freq": param_rng.uniform(0.3, 1.2, size=6),
+            "phase": param_rng.uniform(0, 2 * np.pi, size=6),
+            "close_at": param_rng.uniform(0.3, 0.7),
         }
         for _ in range(num_tasks)
     ]
 
     def episodes():
-        for task in range(num_tasks):
+        for k, task in enumerate(range(first_task, first_task + num_tasks)):
             for ep in range(episodes_per_task):
-                steps = _episode(task, num_tasks, steps_per_episode, image_size, rng, params[task])
+                steps = _episode(task, scene_slots, steps_per_episode, image_size, rng, params[k])
                 path = f"synthetic/{_instruction(task).replace(' ', '_')}_demo.hdf5/demo_{ep}"
                 yield f"task{task}_ep{ep}", {"steps": steps, "episode_metadata": {"file_path": path}}
 

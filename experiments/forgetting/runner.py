@@ -1,0 +1,81 @@
+"""Trainer runs driven through their command-line flags: in this process, or in a pool of single-threaded workers
+(two small runs side by side use two cores better than one run with two threads)."""
+
+import multiprocessing
+import os
+import shutil
+import traceback
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr, redirect_stdout
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Sequence
+
+
+@dataclass(frozen=True)
+class Run:
+    run_root: Path
+    run_id: str
+    steps: int
+    args: tuple  # every trainer flag but --run_root_dir/--run_id/--vla.max_steps/--save_interval
+
+    @property
+    def run_dir(self) -> Path:
+        return self.run_root / self.run_id
+
+    @property
+    def done(self) -> bool:
+        """The trainer writes its last checkpoint after its last log row."""
+        return (self.run_dir / "checkpoints" / f"step-{self.steps:06d}").is_dir()
+
+    def flags(self) -> List[str]:
+        return [*map(str, self.args), "--run_root_dir", str(self.run_root), "--run_id", self.run_id,
+                "--vla.max_steps", str(self.steps), "--save_interval", str(self.steps)]
+
+
+def train_run(run: Run) -> Run:
+    """One trainer run; its console output goes to `<run_id>.log` beside the run folder. An unfinished folder
+    from an interrupted earlier attempt is removed first (the trainer refuses to write into an existing one)."""
+    import draccus
+
+    from prismatic.conf.train import TrainConfig
+    from prismatic.training.trainer import train
+
+    if run.done:
+        return run
+    shutil.rmtree(run.run_dir, ignore_errors=True)
+    run.run_root.mkdir(parents=True, exist_ok=True)
+    with open(run.run_root / f"{run.run_id}.log", "w") as log, redirect_stdout(log), redirect_stderr(log):
+        try:
+            train(draccus.parse(TrainConfig, args=run.flags()))
+        except BaseException:
+            traceback.print_exc()
+            raise
+    return run
+
+
+def _one_thread() -> None:
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def train_runs(runs: Sequence[Run], workers: int) -> None:
+    """All runs, `workers` at a time; the first failure is raised once the others have finished."""
+    pending = [r for r in runs if not r.done]
+    if workers <= 1:
+        for run in pending:
+            train_run(run)
+            print(f"done {run.run_id}", flush=True)
+        return
+    os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP before torch sets its own count
+    errors = []
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+        futures = {pool.submit(train_run, run): run for run in pending}
+        for future in as_completed(futures):
+            run = futures[future]
+            if future.exception() is not None:
+                errors.append(f"{run.run_id}: {future.exception()!r} (log: {run.run_root / run.run_id}.log)")
+            print(f"{'FAILED' if future.exception() else 'done'} {run.run_id}", flush=True)
+    if errors:
+        raise RuntimeError("trainer runs failed:\n" + "\n".join(errors))
