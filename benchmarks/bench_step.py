@@ -83,8 +83,8 @@ from prismatic.models.lora import add_lora, lora_targets  # noqa: E402
 from prismatic.training.distributed import (  # noqa: E402
     SHARDING_STRATEGIES, DistEnv, dist_env_from_environ, init_process_group, shard_model)
 from prismatic.training.objective import Objective  # noqa: E402
-from prismatic.vla.action_tokenizer import ActionTokenizer  # noqa: E402
-from prismatic.vla.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
+from prismatic.models.action_tokenizer import ActionTokenizer  # noqa: E402
+from prismatic.models.batching import PaddedCollator, prompt_ids, training_example  # noqa: E402
 from prismatic.vla.libero_tasks import INSTRUCTIONS  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}

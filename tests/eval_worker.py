@@ -17,8 +17,8 @@ from craft.anchor_cache import AnchorCache
 from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.training.distributed import dist_env_from_environ, init_process_group, shard_model
 from prismatic.training.evaluation import Evaluator, FrameSet, anchor_sets
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator
 
 # Uneven on purpose: 8 held-out anchors and 16 training ones in batches of 3, 3 validation batches over 2 ranks.
 BATCH_SIZE, VAL_BATCHES, EPSILON = 3, 3, 1e-4

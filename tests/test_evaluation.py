@@ -23,8 +23,8 @@ from prismatic.training.anchor_builder import split_by_episode
 from prismatic.training.batches import anchor_inputs
 from prismatic.training.evaluation import anchor_sets, training_anchor_subset
 from prismatic.training.metrics import action_metrics
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator, training_example
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator, training_example
 
 HERE = Path(__file__).resolve().parent
 

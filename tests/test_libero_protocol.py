@@ -17,7 +17,7 @@ from prismatic.sim.protocol import (
 )
 from prismatic.sim.results import EpisodeLog, markdown_table, summarize, wilson_interval
 from prismatic.util.tf_setup import import_tensorflow
-from prismatic.vla.batching import prompt_text
+from prismatic.models.batching import prompt_text
 
 
 def test_protocol_constants_are_openvlas():

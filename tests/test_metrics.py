@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from prismatic.training.metrics import CRAFT_LOG_FIELDS, ConsoleSink, JsonlSink, WandbSink, action_metrics
-from prismatic.vla.action_tokenizer import ActionTokenizer
+from prismatic.models.action_tokenizer import ActionTokenizer
 
 RECORD = {"step": 1, "retention_mode": "hidden", "L_act": 2.5, "L_ret": 0.01, "lambda": 0.2, "epsilon": 0.05,
           "grad_dot": -0.1, "grad_cos": -0.3, "projection": True, "learning_rate": 2e-5, "action_accuracy": 0.5,

@@ -18,7 +18,7 @@ from prismatic.conf.train import TrainConfig
 from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.training.evaluation import build_evaluator
 from prismatic.training.trainer import train
-from prismatic.vla.action_tokenizer import ActionTokenizer
+from prismatic.models.action_tokenizer import ActionTokenizer
 
 STEPS, SAVE, EVERY, BATCH = 8, 4, 3, 4
 EPS_START, EPS_END = 0.004, 0.001

@@ -28,8 +28,8 @@ from prismatic.models.checkpoint import read_config
 from prismatic.training.checkpointing import ADAPTER_FILE
 from prismatic.training.evaluation import Evaluator, anchor_sets, validation_frames
 from prismatic.training.preflight import resolve_device
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator
 from prismatic.vla.datasets import check_data_root, resolve_mixture
 
 # The cache's own model must reproduce its targets: drift above this share of the targets' mean square (mse)

@@ -7,8 +7,8 @@ import torch
 
 from craft.anchor_cache import AnchorCache, anchor_indices
 from prismatic.models.vla import IGNORE_INDEX
-from prismatic.vla.action_tokenizer import ActionTokenizer
-from prismatic.vla.batching import PaddedCollator, training_example
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.models.batching import PaddedCollator, training_example
 
 
 class ActionBatches:

@@ -7,7 +7,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from prismatic.vla.action_tokenizer import ActionTokenizer
+from prismatic.models.action_tokenizer import ActionTokenizer
 
 # The user's guide names these; every sink writes them on every step under exactly these keys.
 CRAFT_LOG_FIELDS = ("retention_mode", "L_act", "L_ret", "lambda", "epsilon", "grad_dot", "grad_cos", "projection")

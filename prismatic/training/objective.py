@@ -23,7 +23,7 @@ from craft.step import Collective, StepResult, baseline_step, craft_step, craft_
 from prismatic.training.batches import joint_batch
 from prismatic.training.distributed import DistEnv, FSDPCollective
 from prismatic.training.metrics import action_metrics
-from prismatic.vla.action_tokenizer import ActionTokenizer
+from prismatic.models.action_tokenizer import ActionTokenizer
 
 ACTION_METRICS = ("action_accuracy", "l1_loss")
 

@@ -17,7 +17,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-from craft.dual import RetentionConstraint
+from craft.dual import EpsilonSchedule, RetentionConstraint
 from craft.step import StepResult
 from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
@@ -35,7 +35,7 @@ from prismatic.training.prefetch import prefetch
 from prismatic.training.preflight import Plan, preflight
 from prismatic.training.report import dry_run_report
 from prismatic.training.stages import apply_train_stage
-from prismatic.vla.batching import PaddedCollator
+from prismatic.models.batching import PaddedCollator
 from prismatic.vla.datasets import RLDSStream
 
 
@@ -74,6 +74,7 @@ class Job:
     actions: ActionBatches
     anchors: Optional[AnchorBatches]
     evaluator: Optional[Evaluator]  # None: no evaluation in this run (a dry run, unless asked)
+    epsilon_schedule: EpsilonSchedule  # the budget evaluations count drift against, CRaFT or not
     dataset_statistics: dict
     frames_per_step: int  # per rank
     start: int  # steps already done (resumed)
@@ -84,10 +85,8 @@ class Job:
         return self.constraint is not None and step % self.cfg.craft.retention_interval == 0
 
     def evaluate(self, step: int, metrics: Metrics) -> None:
-        """Every rank evaluates its share; the budget is the schedule's at `step`, CRaFT or not, so plain
-        fine-tuning is counted against the same epsilon."""
-        epsilon = RetentionConstraint.from_config(self.cfg.craft, self.cfg.vla.max_steps).schedule(step)
-        metrics.log_eval(self.evaluator(step, epsilon))
+        """Every rank evaluates its share; plain fine-tuning is counted against the same budget as CRaFT."""
+        metrics.log_eval(self.evaluator(step, self.epsilon_schedule(step)))
 
     def evaluation_due(self, steps_done: int, end: int) -> bool:
         interval = self.cfg.eval.interval
@@ -166,9 +165,10 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
     if evaluator is not None and env.is_main:
         for note in evaluator.notes:
             print(f"note: {note}", flush=True)
+    epsilon_schedule = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps).schedule
     return Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, actions, anchors,
-               evaluator, stream.statistics, frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps,
-               start=start)
+               evaluator, epsilon_schedule, stream.statistics,
+               frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps, start=start)
 
 
 def _step_inputs(job: Job, end: int):
