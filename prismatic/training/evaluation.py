@@ -69,6 +69,7 @@ class Evaluator:
         self.collator, self.batch_size, self.device, self.autocast = collator, batch_size, device, autocast
         self.rank, self.world_size = rank, world_size
         self.notes = list(notes)
+        self._batches: Dict[str, list] = {}  # each frame set's batches, processed once for every evaluation
 
     @torch.no_grad()
     def __call__(self, step: int, epsilon: Optional[float]) -> dict:
@@ -120,9 +121,12 @@ class Evaluator:
         return sums
 
     def _action_sums(self, frame_set: FrameSet) -> List[float]:
-        frames = frame_set.frames
-        batches = list(ActionBatches(frames, self.tokenizer, self.processor, self.batch_size, self.collator,
-                                     self.action_tokenizer)) if len(frames) >= self.batch_size else []
+        if frame_set.name not in self._batches:
+            frames = frame_set.frames
+            self._batches[frame_set.name] = list(ActionBatches(
+                frames, self.tokenizer, self.processor, self.batch_size, self.collator, self.action_tokenizer,
+            )) if len(frames) >= self.batch_size else []
+        batches = self._batches[frame_set.name]
         mine = batches[self.rank :: self.world_size]
         per_rank = math.ceil(len(batches) / self.world_size)
         sums = [0.0] * len(ACTION_SUMS)
