@@ -133,6 +133,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--fsdp", type=str2bool, default=False,
                    help="true: shard with FSDP2 over a world of 1 (FSDP's own cost on one device); several "
                         "torchrun ranks always shard")
+    p.add_argument("--keep_weights_gathered", type=str2bool, default=False,
+                   help="when sharded, two_pass: the anchor pass reuses the action backward's gathered weights "
+                        "(craft's --craft.keep_weights_gathered)")
     p.add_argument("--sharding_strategy", choices=SHARDING_STRATEGIES, default="full-shard",
                    help="when sharded (the trainer's --sharding_strategy)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
@@ -141,6 +144,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.batch < 1 or args.anchor_batch < 1 or args.repeats < 1 or args.warmup < 0 or args.lora_rank < 0:
         p.error("--batch, --anchor_batch and --repeats must be >= 1, --warmup and --lora_rank >= 0")
+    if args.keep_weights_gathered and args.step_impl != "two_pass":
+        p.error(f"--keep_weights_gathered applies only with --step_impl two_pass; found {args.step_impl}")
     return args
 
 
@@ -343,6 +348,7 @@ def prepare_model(args: argparse.Namespace, env: DistEnv, device: torch.device, 
     if sharded:  # the model is already in --dtype: no mixed-precision policy
         shard_model(model, env, device, args.sharding_strategy, mixed_precision=False)
     craft = CraftConfig(step_impl=args.step_impl, anchor_checkpointing=args.anchor_checkpointing,
+                        keep_weights_gathered=args.keep_weights_gathered,
                         grad_stash_dtype=None if args.grad_stash_dtype == "none" else args.grad_stash_dtype)
     return Objective.build(model, craft, env=env, device=device, sharding_strategy=args.sharding_strategy,
                            autocast_dtype=torch.bfloat16 if args.autocast == "bfloat16" else None,
@@ -490,6 +496,7 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
         autocast=args.autocast,
         grad_checkpointing=args.grad_checkpointing,
         anchor_checkpointing=args.anchor_checkpointing,
+        keep_weights_gathered=args.keep_weights_gathered,
         with_optimizer=args.with_optimizer,
         step_impl=args.step_impl,
         lora_rank=args.lora_rank,

@@ -13,7 +13,7 @@ out=${1:?usage: gpu_suite.sh OUT_DIR}
 mkdir -p "$out"
 if [[ ${SET:-} == targets ]]; then  # full fine-tune B=16/A=4 and B=32/A=8, LoRA one-pass, FSDP over one GPU, surgery
     ONLY="tests step_openvla-7b_b16_a4_gc step_openvla-7b_b32_a8_gc step_openvla-7b_lora32_b8_a4_one_pass
-          grad_products_openvla-7b step_openvla-7b_b16_a4_gc_fsdp1 step_openvla-7b_b16_a4_gc_fsdp1_one_pass"
+          grad_products_openvla-7b step_openvla-7b_b16_a4_gc_fsdp1 step_openvla-7b_b16_a4_gc_fsdp1_kept"
     ONLY=$(echo $ONLY)
 fi
 export PYTHONUNBUFFERED=1 PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
@@ -52,6 +52,8 @@ transformers.__version__, 'timm', timm.__version__, 'peft', peft.__version__)"
     run 80 step_openvla-7b_b16_a4 $step --batch 16 --anchor_batch 4
     run 80 step_openvla-7b_b16_a4_one_pass $step --batch 16 --anchor_batch 4 --step_impl one_pass
     run 100 step_openvla-7b_b16_a4_gc_fsdp1 $step --batch 16 --anchor_batch 4 --grad_checkpointing true --fsdp true
+    run 100 step_openvla-7b_b16_a4_gc_fsdp1_kept $step --batch 16 --anchor_batch 4 --grad_checkpointing true \
+        --fsdp true --keep_weights_gathered true
     run 100 step_openvla-7b_b16_a4_gc_fsdp1_one_pass $step --batch 16 --anchor_batch 4 --grad_checkpointing true \
         --fsdp true --step_impl one_pass
     run 100 step_openvla-7b_b32_a8_gc_anchorckpt $step --batch 32 --anchor_batch 8 --grad_checkpointing true \

@@ -60,6 +60,10 @@ class CraftConfig:
     # anchor batch keeps its activations (about 1.8 GB per anchor for 7B) and skips the recomputation
     # (0.15 s instead of 0.25 s for A=4 on an H200, see benchmarks/RESULTS.md).
     anchor_checkpointing: bool = False
+    # Under FSDP with two_pass: the weights every unit gathers for the action backward stay gathered through the
+    # anchor pass, which then all-gathers nothing (two all-gathers fewer per unit and step) at the memory of one
+    # unsharded copy of the weights while it runs. Changes no value; no effect on a single process.
+    keep_weights_gathered: bool = False
 
     def validate(self) -> None:
         """Reject values that would make the run meaningless, before any model or data is touched."""
@@ -75,6 +79,11 @@ class CraftConfig:
                 "(build one with vla-scripts/build_anchor_cache.py); found: not set"
             )
         _choice("step_impl", self.step_impl, STEP_IMPLS)
+        if self.keep_weights_gathered and self.step_impl != "two_pass":
+            raise CraftConfigError(
+                "--craft.keep_weights_gathered applies only with --craft.step_impl two_pass (one_pass gathers the "
+                f"weights once per step already); found --craft.step_impl {self.step_impl}"
+            )
         if self.grad_stash_dtype is not None:
             _choice("grad_stash_dtype", self.grad_stash_dtype, STASH_DTYPES)
         _positive("epsilon", self.epsilon)

@@ -1,8 +1,9 @@
 """One optimizer step, readable top to bottom: CRaFT (spec steps 1-7) and the plain baseline."""
 
 import math
+from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Callable, Optional, Sequence, Tuple
+from typing import Callable, ContextManager, Optional, Sequence, Tuple
 
 import torch
 
@@ -28,6 +29,14 @@ class Collective:
     def anchor_grads(self, split: RowGroupSplit, params: Sequence[torch.Tensor]) -> Grads:
         """One-pass CRaFT's g_ret for `params`, reduced as the backward reduces `.grad`."""
         return split.take_ret(params)
+
+    def gathered_until_anchor_backward(self) -> ContextManager:
+        """Around two-pass CRaFT's two passes: sharded weights may stay gathered from the action backward on."""
+        return nullcontext()
+
+    def anchor_forward(self) -> ContextManager:
+        """Around the anchor forward: what it gathers may stay gathered for its backward."""
+        return nullcontext()
 
 
 @dataclass
@@ -69,9 +78,10 @@ def craft_step(
     """`project` false never projects g_act (the "lambda only" ablation); `next_step` is the training step at
     which the constraint is next updated (default: the next one), so its epsilon schedule follows training steps."""
     optimizer.zero_grad(set_to_none=True)
-    l_act = accumulate(action_losses, collective)  # 1. g_act
-    g_act = take_grads(params, stash_dtype)
-    l_ret = accumulate(retention_losses, collective)  # 2. g_ret
+    with collective.gathered_until_anchor_backward():
+        l_act = accumulate(action_losses, collective)  # 1. g_act
+        g_act = take_grads(params, stash_dtype)
+        l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act, l_ret, max_grad_norm, collective,
                                project, next_step)

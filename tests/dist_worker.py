@@ -4,7 +4,9 @@ Micro-batch g of step s is the same data whatever the launch: with M micro-batch
 argument, default 2) rank r of W uses g = M s + r M/W + k, k < M/W. The fourth argument is the
 sharding strategy (default full-shard). Writes per-step metrics and final weights. With
 `one_pass` as second argument the steps are one-pass CRaFT steps, and before them this rank's shards of
-g_act and g_ret from one joint pass are compared with those of the two separate passes.
+g_act and g_ret from one joint pass are compared with those of the two separate passes; `two_pass_gathered` runs
+two-pass steps with --craft.keep_weights_gathered. Every step records how many all-gathers FSDP issued in all and
+from the first anchor forward on.
 """
 
 import json
@@ -15,6 +17,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather
 
 import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.config import CraftConfig
@@ -77,6 +80,38 @@ def compare_one_pass(objective: Objective, gs: list) -> dict:
             "ref_products": ref_products[:3].tolist(), "got_products": got_products[:3].tolist()}
 
 
+class AllGatherCount:
+    """FSDP's all-gathers, in all and since the anchor pass began (the pinned torch issues them all through
+    DefaultAllGather)."""
+
+    def __init__(self, objective: Objective):
+        self.total = self.anchor = 0
+        self.in_anchor_pass = False
+        gather, retention, count = DefaultAllGather.__call__, objective.retention, self
+
+        def counted_gather(self, *args, **kwargs):
+            count.total += 1
+            count.anchor += count.in_anchor_pass
+            return gather(self, *args, **kwargs)
+
+        def marked_retention(batch):
+            loss = retention(batch)
+
+            def call():
+                count.in_anchor_pass = True
+                return loss()
+            return call
+
+        DefaultAllGather.__call__ = counted_gather
+        objective.retention = marked_retention
+
+    def take(self) -> dict:
+        out = {"all_gathers": self.total, "anchor_all_gathers": self.anchor}
+        self.total = self.anchor = 0
+        self.in_anchor_pass = False
+        return out
+
+
 def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     env = dist_env_from_environ()
     if strategy == "hybrid-shard":  # as two nodes of one process: shards of one rank, replicated twice
@@ -88,9 +123,10 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     model.train()
     if env.distributed:
         shard_model(model, env, device, strategy, False)
-    objective = Objective.build(model, CraftConfig(step_impl=step_impl), env=env, device=device,
-                                sharding_strategy=strategy, autocast_dtype=None, gradient_checkpointing=False,
-                                max_grad_norm=1.0)
+    craft = CraftConfig(step_impl="two_pass", keep_weights_gathered=True) if step_impl == "two_pass_gathered" \
+        else CraftConfig(step_impl=step_impl)
+    objective = Objective.build(model, craft, env=env, device=device, sharding_strategy=strategy,
+                                autocast_dtype=None, gradient_checkpointing=False, max_grad_norm=1.0)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     constraint = RetentionConstraint(EpsilonSchedule("constant", end=1e-4), DualMultiplier(0.5, lr=100.0))
     accum = micro_per_step // env.world_size
@@ -101,14 +137,14 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     if objective.split is not None:
         report = compare_one_pass(objective, step_micro_batches(0))
         (out / f"compare_rank{env.rank}.json").write_text(json.dumps(report))
-    rows = []
+    rows, gathers = [], AllGatherCount(objective) if env.distributed else None
     for s in range(STEPS):
         gs = step_micro_batches(s)
         r, _ = objective.step(optimizer, constraint, [micro_batch(g, B, True) for g in gs],
                               [micro_batch(g, A, False) for g in gs])
         rows.append({"L_act": r.L_act, "L_ret": r.L_ret, "grad_dot": r.grad_dot, "grad_cos": r.grad_cos,
                      "projection": r.projection, "grad_norm": r.grad_norm, "lambda": constraint.lam,
-                     "lambda_hex": constraint.lam.hex()})
+                     "lambda_hex": constraint.lam.hex(), **(gathers.take() if gathers else {})})
     (out / f"rank{env.rank}.json").write_text(json.dumps(rows))
     weights = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if env.is_main:

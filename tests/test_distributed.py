@@ -28,6 +28,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("dist")
     launch(1, root / "one_m4", micro_per_step=4)
     launch(2, root / "two_m4", micro_per_step=4)
+    launch(2, root / "two_gathered_m4", "two_pass_gathered", micro_per_step=4)
     launch(2, root / "two_one_pass_m4", "one_pass", micro_per_step=4)  # 2 micro-batches per rank
     launch(2, root / "hybrid_one_pass_m4", "one_pass", micro_per_step=4, strategy="hybrid-shard")
     return root
@@ -75,3 +76,19 @@ def test_lambda_is_bitwise_identical_on_every_rank(runs):
     r1 = json.loads((runs / "two_m4" / "rank1.json").read_text())
     assert [r["lambda_hex"] for r in r0] == [r["lambda_hex"] for r in r1]
     assert [r["projection"] for r in r0] == [r["projection"] for r in r1]
+
+
+def test_keeping_weights_gathered_changes_no_value_and_the_anchor_pass_gathers_nothing(runs):
+    """--craft.keep_weights_gathered: the same steps bit for bit (the next step's forward would see stale gathered
+    weights if a unit were not resharded after the update), without a single all-gather in the anchor pass."""
+    for rank in (0, 1):
+        plain = json.loads((runs / "two_m4" / f"rank{rank}.json").read_text())
+        kept = json.loads((runs / "two_gathered_m4" / f"rank{rank}.json").read_text())
+        for p, k in zip(plain, kept):
+            assert {key: p[key] for key in p if "gathers" not in key} == \
+                {key: k[key] for key in k if "gathers" not in key}
+        assert all(p["anchor_all_gathers"] > 0 for p in plain)
+        assert all(k["anchor_all_gathers"] == 0 for k in kept)
+        assert all(k["all_gathers"] <= p["all_gathers"] - p["anchor_all_gathers"] for p, k in zip(plain, kept))
+    w1, w2 = torch.load(runs / "two_m4" / "weights.pt"), torch.load(runs / "two_gathered_m4" / "weights.pt")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)

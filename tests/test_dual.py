@@ -173,6 +173,8 @@ def test_two_ranks_hold_the_state_of_one_process_on_the_averaged_l_ret(tmp_path)
     ({"lambda_max": 0.0}, ["--craft.lambda_max must be > 0", "0.0"]),
     ({"lambda_init": 2.0, "lambda_max": 1.0}, ["--craft.lambda_init must be <= --craft.lambda_max", "2.0 > 1.0"]),
     ({"retention_interval": 0}, ["--craft.retention_interval must be >= 1", "0"]),
+    ({"step_impl": "one_pass", "keep_weights_gathered": True},
+     ["--craft.keep_weights_gathered applies only with --craft.step_impl two_pass", "one_pass"]),
 ])
 def test_config_rejects_bad_dual_flags(changes, fragments):
     with pytest.raises(CraftConfigError) as err:

@@ -66,7 +66,7 @@ def test_a_breaking_change_stops_the_resume_before_any_work(demo, runs, monkeypa
 
 def test_safe_changes_pass_the_check(demo, runs):
     safe = {"vla.max_steps": 4, "save_interval": 5, "keep_last_checkpoints": 1, "wandb_mode": "offline",
-            "run_id_note": "more", "dist_timeout_s": 60}
+            "run_id_note": "more", "dist_timeout_s": 60, "craft.keep_weights_gathered": "true"}
     cfg = _parse(flags(demo, runs, "short", resume_from=str(complete_checkpoints(runs / "short")[-1]), **safe))
     cfg.trackers = ("jsonl", "wandb")
     assert preflight(cfg).resume_path.name == "step-000002"

@@ -109,6 +109,7 @@ RESUME_SAFE = (
     "vla.max_steps", "vla.merge_on_save", "vla.expected_world_size", "save_interval", "keep_last_checkpoints",
     "resume_from", "run_id", "run_id_note", "run_root_dir", "dry_run_batches", "dist_timeout_s", "trackers",
     "wandb_project", "wandb_entity", "wandb_mode",
+    "craft.keep_weights_gathered",  # where the gathered weights live, not what they are
 )
 RESUME_SAFE_PREFIXES = ("eval.",)  # evaluation settings change no training step
 

@@ -8,12 +8,14 @@ gradient is reduced as FSDP reduces `.grad` by `ShardedAnchorGrads` (prismatic/t
 """
 
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from craft.one_pass import RowGroupSplit
 from craft.step import Collective
@@ -91,13 +93,45 @@ def shard_model(model, env: DistEnv, device: torch.device, strategy: str, mixed_
 
 class FSDPCollective(Collective):
     """Sums the gradient scalars over shards (once, not once per replica) and averages the losses; with a
-    one-pass `split`, reduces its anchor-row gradients as FSDP reduces `.grad`."""
+    one-pass `split`, reduces its anchor-row gradients as FSDP reduces `.grad`; with `keep_gathered`, lets the
+    two-pass anchor pass run on the weights the action backward gathered (--craft.keep_weights_gathered)."""
 
     def __init__(self, model, env: DistEnv, device: torch.device, strategy: str,
-                 split: Optional[RowGroupSplit] = None):
+                 split: Optional[RowGroupSplit] = None, keep_gathered: bool = False):
         self.model, self.env, self.device = model, env, device
         self.replicate = replicate_degree(env, strategy)
         self.anchor = ShardedAnchorGrads(model, split) if split is not None else None
+        self.keep_gathered = keep_gathered
+        self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+
+    @contextmanager
+    def gathered_until_anchor_backward(self):
+        """Every unit stays gathered after its action backward; all are resharded after the anchor backward."""
+        if not self.keep_gathered:
+            yield
+            return
+        self.model.set_reshard_after_backward(False)
+        try:
+            yield
+        finally:
+            self.model.set_reshard_after_backward(True)
+            for unit in self.units:
+                unit.reshard()
+
+    @contextmanager
+    def anchor_forward(self):
+        """Units (not the root, which never reshards after its forward) keep their weights for the backward."""
+        if not self.keep_gathered:
+            yield
+            return
+        inner = [u for u in self.units if u is not self.model]
+        for unit in inner:
+            unit.set_reshard_after_forward(False, recurse=False)
+        try:
+            yield
+        finally:
+            for unit in inner:
+                unit.set_reshard_after_forward(True, recurse=False)
 
     def set_grad_sync(self, enabled: bool) -> None:
         self.model.set_requires_gradient_sync(enabled)

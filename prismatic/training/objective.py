@@ -8,7 +8,7 @@ split, and how the gradients are reduced across processes. Imports neither Tenso
 benchmark runs where neither is installed.
 """
 
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -51,7 +51,7 @@ class Objective:
             split = RowGroupSplit(action_only=[model.language_model.lm_head])
             if gradient_checkpointing:  # the recomputed forward must be split too
                 model.gradient_checkpointing_enable(context_fn=split.recompute_context)
-        collective = FSDPCollective(model, env, device, sharding_strategy, split) \
+        collective = FSDPCollective(model, env, device, sharding_strategy, split, craft.keep_weights_gathered) \
             if isinstance(model, FSDPModule) else Collective()
         return cls(model, craft, device=device, autocast_dtype=autocast_dtype, max_grad_norm=max_grad_norm,
                    collective=collective, split=split)
@@ -60,8 +60,13 @@ class Objective:
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
 
     def anchor_pass(self):
-        """The anchor batch is small: without --craft.anchor_checkpointing it keeps its activations."""
-        return nullcontext() if self.craft.anchor_checkpointing else self.model.activation_checkpointing_paused()
+        """The anchor batch is small: without --craft.anchor_checkpointing it keeps its activations. Under FSDP
+        with --craft.keep_weights_gathered its forward leaves the weights gathered for its backward."""
+        stack = ExitStack()
+        if not self.craft.anchor_checkpointing:
+            stack.enter_context(self.model.activation_checkpointing_paused())
+        stack.enter_context(self.collective.anchor_forward())
+        return stack
 
     def action(self, batch: dict) -> "ActionLoss":
         return ActionLoss(self, batch)
