@@ -34,9 +34,17 @@ def pool_hidden(
 
 def anchor_features(model, batch: dict, hidden_layer: int, pooling: str) -> torch.Tensor:
     """Pooled features of anchor inputs [B, D]: the one function that makes the cache's targets, the
-    training-time features compared with them, and the evaluation's drift."""
-    hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layer=hidden_layer)
-    return pool_hidden(hidden, pooling, model.image_token_slice, batch["attention_mask"])
+    training-time features compared with them, and the evaluation's drift.
+
+    With `mean_image_tokens` only the text before the image (BOS) is fed: in a causal LLM the image positions
+    never attend to the prompt that follows them, so their features are the same and the anchor pass skips
+    the prompt's positions."""
+    input_ids, mask = batch["input_ids"], batch["attention_mask"]
+    if pooling == "mean_image_tokens":
+        keep = model.image_token_slice.start
+        input_ids, mask = input_ids[:, :keep], None if mask is None else mask[:, :keep]
+    hidden = model.hidden_states(batch["pixel_values"], input_ids, mask, layer=hidden_layer)
+    return pool_hidden(hidden, pooling, model.image_token_slice, mask)
 
 
 def retention_loss(features: torch.Tensor, targets: torch.Tensor, loss_type: str) -> torch.Tensor:
