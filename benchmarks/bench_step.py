@@ -67,6 +67,7 @@ from typing import Optional
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import PeakRSS, base_record, cpu_description, median, release_host_memory, run_cli  # noqa: E402
+from flops import pass_flops, peak_flops  # noqa: E402
 
 import prismatic.models  # noqa: E402,F401  (before timm: installs the torchvision import guard)
 import numpy as np  # noqa: E402
@@ -139,6 +140,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--sharding_strategy", choices=SHARDING_STRATEGIES, default="full-shard",
                    help="when sharded (the trainer's --sharding_strategy)")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--peak_tflops", type=float, default=None,
+                   help="the device's peak TFLOP/s for MFU (default: the dense bf16 peak of a known GPU, see "
+                        "benchmarks/flops.py; none for other devices, and then no MFU)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="JSON output file")
     args = p.parse_args(argv)
@@ -146,6 +150,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error("--batch, --anchor_batch and --repeats must be >= 1, --warmup and --lora_rank >= 0")
     if args.keep_weights_gathered and args.step_impl != "two_pass":
         p.error(f"--keep_weights_gathered applies only with --step_impl two_pass; found {args.step_impl}")
+    if args.peak_tflops is not None and not (math.isfinite(args.peak_tflops) and args.peak_tflops > 0):
+        p.error(f"--peak_tflops must be a positive number of TFLOP/s, got {args.peak_tflops}")
     return args
 
 
@@ -430,6 +436,13 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
                 times[kind].append(dt)
                 peaks[kind].append(peak)
 
+    # Model FLOPs, once, untimed (see flops.py). The CRaFT step's are the two passes' (one pass does the
+    # same useful work); the surgery is memory-bound and not counted.
+    flops_base = pass_flops(objective, objective.action, act, clear, args.grad_checkpointing)
+    flops_anchor = pass_flops(objective, objective.retention, anchors, clear, args.grad_checkpointing)
+    flops_craft = flops_base + flops_anchor
+    peak = peak_flops(device_name(device), args.peak_tflops)
+
     # The surgery on its own, on random tensors covering exactly the parameters the two losses give
     # gradients to (the anchor loss never reaches lm_head, the last decoder layer or the final norm).
     covered = {}
@@ -541,6 +554,14 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
         peak_mem_extra_bytes=peak_craft - peak_base,
         peak_mem_extra_over_grad_buffer=(peak_craft - peak_base) / grad_buffer_bytes,
         mem_method=meter.method,
+        flops_base=flops_base,
+        flops_anchor=flops_anchor,
+        flops_craft=flops_craft,
+        flops_counting="matrix products of one forward + backward, no recomputation (benchmarks/flops.py)"
+                       + (", of this rank's batch" if sharded else ""),
+        peak_flops=peak,
+        mfu_base=flops_base / t_base / peak if peak else None,
+        mfu_craft=flops_craft / t_craft / peak if peak else None,
         times_s={**{k: v for k, v in times.items()}, "surgery": surgery_times},
         last_craft_step={"L_act": craft_result.L_act, "L_ret": craft_result.L_ret, "lambda": craft_result.lam,
                          "grad_cos": craft_result.grad_cos, "projection": craft_result.projection,
@@ -559,7 +580,8 @@ def summary(r: dict) -> str:
             f"base {r['t_base_s']:.4f}s  craft {r['t_craft_s']:.4f}s  ratio {r['ratio']:.3f}  "
             f"floor {r['floor_ratio']:.3f}  (base B+A {r['t_base_bpa_s']:.4f}s, anchor {r['t_anchor_s']:.4f}s, "
             f"surgery {r['t_surgery_s'] * 1e3:.2f}ms = {r['surgery_bandwidth_gbps']:.1f} GB/s)  "
-            f"peak mem base {r['peak_mem_base_bytes'] / mb:.0f} MB craft {r['peak_mem_craft_bytes'] / mb:.0f} MB")
+            f"peak mem base {r['peak_mem_base_bytes'] / mb:.0f} MB craft {r['peak_mem_craft_bytes'] / mb:.0f} MB"
+            + (f"  MFU base {r['mfu_base']:.1%} craft {r['mfu_craft']:.1%}" if r["mfu_base"] is not None else ""))
 
 
 def main(argv=None) -> Optional[dict]:
