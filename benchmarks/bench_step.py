@@ -528,6 +528,11 @@ def measure(args: argparse.Namespace, env: DistEnv, device: torch.device, sharde
         anchor_grad_params=sum(p.numel() for p, has in zip(params, covered["ret"]) if has),
         seq_len_action=int(act["input_ids"].shape[1]) + model.num_image_tokens,
         seq_len_anchor=int(anchors["input_ids"].shape[1]) + model.num_image_tokens,
+        # What the two-pass anchor pass runs: BOS and the image only when pooling over image tokens
+        # (craft.retention.anchor_features); one_pass keeps the anchor rows at the joint batch's length.
+        anchor_pass_positions=model.image_token_slice.stop
+        if args.step_impl == "two_pass" and objective.craft.pooling == "mean_image_tokens"
+        else int(anchors["input_ids"].shape[1]) + model.num_image_tokens,
         warmup=args.warmup,
         repeats=args.repeats,
         t_base_s=t_base,

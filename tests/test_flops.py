@@ -84,9 +84,11 @@ def test_tiny_counts_match_the_analytic_count(tiny):
     assert supervised.tolist() == [8] * B  # 7 action tokens and EOS
     counted = flops.pass_flops(objective, objective.action, act, clear, False)
     assert counted == B * _analytic_tiny(act["input_ids"].shape[1], 8, layers)
-    # Anchors: features after the second-to-last layer, so the last layer runs forward only; no lm_head.
+    # Anchors: features after the second-to-last layer, so the last layer runs forward only; no lm_head; pooled
+    # over image tokens, so the LLM sees BOS and the image only (one text position).
     counted = flops.pass_flops(objective, objective.retention, anchors, clear, False)
-    assert counted == A * _analytic_tiny(anchors["input_ids"].shape[1], 0, layers - 1)
+    assert anchors["input_ids"].shape[1] > 1 and objective.craft.pooling == "mean_image_tokens"
+    assert counted == A * _analytic_tiny(1, 0, layers - 1)
     assert all(p.grad is None for p in objective.params)
 
 
