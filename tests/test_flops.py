@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "benchmarks"))
+import anchor_pass_flops  # noqa: E402
 import bench_step  # noqa: E402
 import flops  # noqa: E402
+from prismatic.models import OpenVLA  # noqa: E402
 from prismatic.models.batching import IGNORE_INDEX  # noqa: E402
 from prismatic.models.config import PATCH_SIZE, preset_config  # noqa: E402
 from prismatic.models.vision import TINY_VITS  # noqa: E402
@@ -158,3 +160,16 @@ def test_bench_step_records_mfu_only_with_a_peak():
     assert r["mfu_craft"] == pytest.approx(r["flops_craft"] / r["t_craft_s"] / 0.5e12)
     assert all(math.isfinite(r[k]) and r[k] > 0 for k in ("mfu_base", "mfu_craft"))
     assert "MFU base" in bench_step.summary(r)
+
+
+def test_meta_anchor_count_equals_the_real_pass_and_the_hand_count(tiny):
+    """benchmarks/anchor_pass_flops.py counts on the meta device: its BOS-and-image count is what the real anchor
+    pass runs per anchor, and its whole-prompt count is the hand count of a prompt of that length."""
+    objective, _, anchors, clear = tiny
+    layers = preset_config("tiny").num_hidden_layers
+    with torch.device("meta"):
+        meta_model = OpenVLA.from_config(preset_config("tiny")).train()
+    prefix = anchor_pass_flops.anchor_flops(meta_model, 1, -2)
+    assert A * prefix == flops.pass_flops(objective, objective.retention, anchors, clear, False)
+    text_len = anchors["input_ids"].shape[1]
+    assert anchor_pass_flops.anchor_flops(meta_model, text_len, -2) == _analytic_tiny(text_len, 0, layers - 1)
