@@ -1,4 +1,5 @@
-"""One-pass CRaFT gradients equal the two-pass reference (separate action and anchor passes)."""
+"""One-pass CRaFT gradients equal the two-pass reference (separate action and anchor passes), whether the split is
+taken at the Linear layers (LoRA) or by intercepting every torch call (full fine-tuning)."""
 
 import json
 import subprocess
