@@ -48,7 +48,7 @@ class Objective:
         split (around checkpointed recomputation too) and the collective that makes results global."""
         split = None
         if craft.enabled and craft.step_impl == "one_pass":
-            split = RowGroupSplit(action_only=[model.language_model.lm_head])
+            split = RowGroupSplit(action_only=[model.language_model.lm_head], model=model)
             if gradient_checkpointing:  # the recomputed forward must be split too
                 model.gradient_checkpointing_enable(context_fn=split.recompute_context)
         collective = FSDPCollective(model, env, device, sharding_strategy, split, craft.keep_weights_gathered) \
