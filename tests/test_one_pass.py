@@ -91,20 +91,26 @@ def test_one_pass_gradients_equal_two_pass(lora, checkpointing):
 def test_one_pass_run_matches_two_pass_run(demo, tmp_path, nproc):
     """The trainer's composition (joint batches, checkpointing re-entering the split, FSDP with 2 ranks);
     without checkpointing the gradients are compared directly above."""
+    # No projection: at step 1 the joint batch's g_ret is rounding-level (see below), and projecting g_act off a
+    # noise direction would make the runs differ from step 2 on for a reason that is not the composition.
     common = {"vla.max_steps": 2, "vla.per_device_batch_size": 4, "vla.enable_gradient_checkpointing": "true",
-              "save_interval": 100}
+              "save_interval": 100, "craft.conflict_projection": "false"}
     rows = {}
     for impl in ("two_pass", "one_pass"):
         res = run_script(user_flags(demo, tmp_path, **{**common, "run_id": impl, "craft.step_impl": impl}), nproc=nproc)
         assert res.returncode == 0, res.stderr[-3000:]
         rows[impl] = [json.loads(x) for x in (tmp_path / impl / "metrics.jsonl").read_text().splitlines()]
     for a, b in zip(rows["two_pass"], rows["one_pass"]):
-        assert a["projection"] == b["projection"]
+        # Step 1: the model still equals the cache's. The separate anchor pass computes the features exactly as the
+        # cache was built (BOS and the image), so L_ret and g_ret are 0 (grad_cos 0 by definition); the joint
+        # batch feeds whole prompts, equal up to rounding, so its g_ret is rounding-level and its direction
+        # (grad_cos, the sign of grad_dot) is noise; its size is not.
+        first = a["L_ret"] == 0.0
+        if first:
+            assert b["L_ret"] < 1e-6 and abs(b["grad_dot"]) < 1e-6, b
+        assert a["projection"] is b["projection"] is False
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "grad_norm"):
-            if key == "grad_cos" and a["L_ret"] == 0.0:
-                # Step 1: the model still equals the cache's, so g_ret is 0 in the separate anchor pass (grad_cos 0
-                # by definition) and rounding-level in the joint batch, whose direction is noise; its size is not.
-                assert b["L_ret"] < 1e-9 and abs(b["grad_dot"]) < 1e-6, b
+            if first and key in ("L_ret", "grad_dot", "grad_cos"):
                 continue
             assert b[key] == pytest.approx(a[key], rel=2e-2, abs=1e-6), (a["step"], key)
 
