@@ -41,8 +41,9 @@ def synthetic_frames(n: int) -> list:
             for i in range(n)]
 
 
-def evaluator(model, tokenizer, config, demo: Path, rank: int = 0, world_size: int = 1, autocast=None) -> Evaluator:
-    sets, _ = anchor_sets(AnchorCache.open(demo / "anchor_cache"), train_subset=16)
+def evaluator(model, tokenizer, config, demo: Path, rank: int = 0, world_size: int = 1, autocast=None,
+              cache_dir: Path = None) -> Evaluator:
+    sets, _ = anchor_sets(AnchorCache.open(cache_dir or demo / "anchor_cache"), train_subset=16)
     frames = FrameSet("val", lambda: synthetic_frames(VAL_BATCHES * BATCH_SIZE), VAL_BATCHES * BATCH_SIZE)
     extra = {"autocast": autocast} if autocast is not None else {}
     return Evaluator(model, anchor_sets=sets, frame_sets=[frames], loss_type="mse", processor=ImageProcessor(config),

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from launch import run_script, user_flags
+from launch import run_cut_at, run_script, superseded_steps, user_flags
 
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint
 from craft.retention import pool_hidden, retention_loss
@@ -67,16 +67,18 @@ def test_surgery_over_adapters_matches_float64_reference():
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-6)
 
 
-def test_lora_craft_resumes_exactly_and_exports_a_plain_checkpoint(demo, tmp_path):
-    ref = run_script(user_flags(demo, tmp_path, **{**LORA, "run_id": "ref", "vla.max_steps": 5}))
+def test_lora_craft_resumes_exactly_and_exports_a_plain_checkpoint(demo, demo_bf16_cache, tmp_path):
+    """With mixed precision, as users train: a bf16 frozen base under bf16 autocast, against a bf16 cache."""
+    mixed = {**LORA, "vla.enable_mixed_precision_training": "true", "craft.anchor_cache_dir": demo_bf16_cache}
+    ref = run_script(user_flags(demo, tmp_path, **{**mixed, "run_id": "ref", "vla.max_steps": 5}))
     assert ref.returncode == 0, ref.stderr[-3000:]
-    first = run_script(user_flags(demo, tmp_path, **{**LORA, "run_id": "cut", "vla.max_steps": 3}))
-    assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run_script(user_flags(demo, tmp_path, **{**LORA, "run_id": "cut", "vla.max_steps": 5,
+    run_cut_at(tmp_path / "ref", 3, tmp_path / "cut")
+    resumed = run_script(user_flags(demo, tmp_path, **{**mixed, "run_id": "cut", "vla.max_steps": 5,
                                                        "resume_from": "latest"}))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     rows = [[json.loads(x) for x in (tmp_path / run / "metrics.jsonl").read_text().splitlines()] for run in ("ref", "cut")]
     assert [r["step"] for r in rows[1]] == [1, 2, 3, 4, 5]
+    assert superseded_steps(tmp_path / "cut") == [4, 5]  # redone by the resumed run, not kept from the copy
     for a, b in zip(*rows):
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "projection", "grad_norm"):
             assert a[key] == b[key], (a["step"], key)

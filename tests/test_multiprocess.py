@@ -8,7 +8,8 @@ import subprocess
 import time
 from pathlib import Path
 
-from launch import ROOT, child_env, run_script, torchrun, user_flags
+import pytest
+from launch import ROOT, child_env, run_cut_at, run_script, superseded_steps, torchrun, user_flags
 
 
 def _free_port() -> int:
@@ -22,13 +23,23 @@ def _rows(run_dir: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
-def test_two_ranks_train_and_checkpoint(demo, tmp_path):
-    res = run_script(user_flags(demo, tmp_path, **{"vla.max_steps": 3, "vla.per_device_batch_size": 4}), nproc=2)
+COMMON = {"vla.per_device_batch_size": 4, "save_interval": 2, "vla.max_steps": 4}
+
+
+@pytest.fixture(scope="module")
+def two_rank_run(demo, tmp_path_factory) -> Path:
+    """A 4-step run on two ranks, checkpointed at steps 2 and 4."""
+    root = tmp_path_factory.mktemp("two_ranks")
+    res = run_script(user_flags(demo, root, **COMMON), nproc=2)
     assert res.returncode == 0, res.stderr[-4000:]
-    rows = _rows(tmp_path / "run")
-    assert [r["step"] for r in rows] == [1, 2, 3]  # rank 0 logs once per step
+    return root / "run"
+
+
+def test_two_ranks_train_and_checkpoint(two_rank_run):
+    rows = _rows(two_rank_run)
+    assert [r["step"] for r in rows] == [1, 2, 3, 4]  # rank 0 logs once per step
     assert rows[-1]["samples_per_s"] > 0 and rows[-1]["lambda"] is not None
-    ckpt = tmp_path / "run" / "checkpoints" / "step-000003"
+    ckpt = two_rank_run / "checkpoints" / "step-000004"
     assert sorted(p.name for p in (ckpt / "rng").iterdir()) == ["rank-0.pt", "rank-1.pt"]
     assert json.loads((ckpt / "trainer_state.json").read_text())["world_size"] == 2
 
@@ -82,17 +93,12 @@ def test_a_rank_that_dies_ends_the_job_instead_of_hanging(demo, tmp_path):
             os.killpg(job.pid, signal.SIGKILL)
 
 
-def test_two_rank_run_resumes_exactly(demo, tmp_path):
-    common = {"vla.per_device_batch_size": 4, "save_interval": 2}
-    ref = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "ref", "vla.max_steps": 4}), nproc=2)
-    assert ref.returncode == 0, ref.stderr[-4000:]
-    first = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "cut", "vla.max_steps": 2}), nproc=2)
-    assert first.returncode == 0, first.stderr[-4000:]
-    resumed = run_script(user_flags(demo, tmp_path, **{**common, "run_id": "cut", "vla.max_steps": 4,
-                                                       "resume_from": "latest"}), nproc=2)
+def test_two_rank_run_resumes_exactly(demo, two_rank_run, tmp_path):
+    run_cut_at(two_rank_run, 2, tmp_path / "run")
+    resumed = run_script(user_flags(demo, tmp_path, **{**COMMON, "resume_from": "latest"}), nproc=2)
     assert resumed.returncode == 0, resumed.stderr[-4000:]
-    a, b = _rows(tmp_path / "ref"), _rows(tmp_path / "cut")
-    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    a, b = _rows(two_rank_run), _rows(tmp_path / "run")
+    assert [r["step"] for r in b] == [1, 2, 3, 4] and superseded_steps(tmp_path / "run") == [3, 4]
     for x, y in zip(a, b):
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "projection", "grad_norm"):
             assert x[key] == y[key], (x["step"], key)

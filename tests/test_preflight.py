@@ -13,6 +13,7 @@ def _cfg(demo, tmp_path, **changes):
     cfg = TrainConfig(pretrained_checkpoint=demo / "model", data_root_dir=demo / "rlds", run_root_dir=tmp_path / "runs",
                       run_id="run")
     cfg.craft.anchor_cache_dir = demo / "anchor_cache"
+    cfg.vla.enable_mixed_precision_training = False  # the demo cache's float32
     for key, value in changes.items():
         obj, _, attr = key.rpartition(".")
         setattr(getattr(cfg, obj) if obj else cfg, attr, value)
@@ -43,7 +44,8 @@ def test_demo_configuration_passes(demo, tmp_path):
     ({"craft.hidden_layer": 7}, ["--craft.hidden_layer", "5 hidden states", "7"]),
     ({"craft.anchor_batch_size": 17}, ["--craft.anchor_batch_size is 17", "only 16 anchors"]),
     ({"craft.retention_mode": "logits"}, ["--craft.retention_mode", "hidden", "logits"]),
-    ({"vla.enable_mixed_precision_training": False}, ["float32", "bfloat16", "--vla.enable_mixed_precision_training"]),
+    ({"vla.enable_mixed_precision_training": True}, ["computes in bfloat16 (--vla.enable_mixed_precision_training",
+                                                    "computed in float32"]),
     ({"sharding_strategy": "zero3"}, ["--sharding_strategy", "zero3"]),
 ])
 def test_bad_flags(demo, tmp_path, changes, fragments):

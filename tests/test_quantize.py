@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from launch import run_script, user_flags
+from launch import run_cut_at, run_script, superseded_steps, user_flags
 import torch.nn.functional as F
 from torch import nn
 
@@ -20,6 +20,7 @@ def _cfg(demo, tmp_path, **changes):
     cfg = TrainConfig(pretrained_checkpoint=demo / "model", data_root_dir=demo / "rlds", run_root_dir=tmp_path,
                       run_id="run")
     cfg.craft.anchor_cache_dir = demo / "anchor_cache"
+    cfg.vla.enable_mixed_precision_training = False  # the demo cache's float32
     cfg.vla.use_lora, cfg.vla.merge_on_save, cfg.vla.base_quantization = True, False, "4bit"
     for key, value in changes.items():
         setattr(cfg.vla, key, value)
@@ -95,9 +96,9 @@ def test_lora_craft_over_an_8bit_base_trains(demo, tmp_path):
 def test_lora_craft_over_a_4bit_base_resumes_exactly(demo, tmp_path):
     """The base is re-quantized from the pretrained weights on resume: the same NF4 base, the same steps."""
     ref = _quantized_lora_run(demo, tmp_path, "4bit", "ref", **{"vla.max_steps": 4})
-    _quantized_lora_run(demo, tmp_path, "4bit", "cut", **{"vla.max_steps": 2})
+    run_cut_at(tmp_path / "ref", 2, tmp_path / "cut")
     cut = _quantized_lora_run(demo, tmp_path, "4bit", "cut", **{"vla.max_steps": 4, "resume_from": "latest"})
-    assert [r["step"] for r in cut] == [1, 2, 3, 4]
+    assert [r["step"] for r in cut] == [1, 2, 3, 4] and superseded_steps(tmp_path / "cut") == [3, 4]
     for a, b in zip(ref, cut):
         for key in ("L_act", "L_ret", "lambda", "grad_dot", "grad_cos", "projection", "grad_norm"):
             assert a[key] == b[key], (a["step"], key)

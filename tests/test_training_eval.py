@@ -4,13 +4,12 @@ epsilon schedule, no projection, evaluations every 3 steps and at the checkpoint
 from its step-4 checkpoint, and plain fine-tuning against the same anchor cache."""
 
 import json
-import shutil
 from pathlib import Path
 
 import draccus
 import pytest
 import torch
-from launch import EPS, LAMBDA_LR, user_flags
+from launch import EPS, LAMBDA_LR, run_cut_at, user_flags
 
 from craft.anchor_cache import AnchorCache
 from prismatic.conf.eval import EvalConfig
@@ -71,7 +70,7 @@ def test_craft_and_plain_runs_evaluate_the_same_metrics_at_start_interval_checkp
     assert [r["epsilon"] for r in rows] == pytest.approx([schedule(r["step"]) for r in rows], rel=1e-12)
     assert all(r["epsilon"] == EPS for r in plain_rows)  # the plain run's constant --craft.epsilon
 
-    # Step 0: both runs start from the model that built the cache, at the cache's precision (bf16 autocast).
+    # Step 0: both runs start from the model that built the cache, at the cache's precision (float32).
     start, plain_start = rows[0], plain_rows[0]
     for r in (start, plain_start):
         assert r["eval/heldout_L_ret"] < 1e-6 and r["eval/train_L_ret"] < 1e-6
@@ -94,7 +93,7 @@ def test_last_eval_row_is_the_saved_final_model_evaluated_again(demo, craft_run)
         processor=ImageProcessor.from_pretrained(final, config), tokenizer=tokenizer,
         action_tokenizer=ActionTokenizer(n_bins=config.n_action_bins), max_length=config.llm_max_length,
         data_root_dir=demo / "rlds", data_mix="libero_90", batch_size=BATCH, device=torch.device("cpu"),
-        autocast=lambda: torch.autocast("cpu", dtype=torch.bfloat16), seed=TrainConfig.seed)
+        seed=TrainConfig.seed)
     again = evaluator(STEPS, schedule(STEPS))
     for key in DRIFT | VAL:
         assert again[key] == pytest.approx(rows[-1][key], rel=1e-6, abs=1e-9), key
@@ -102,11 +101,7 @@ def test_last_eval_row_is_the_saved_final_model_evaluated_again(demo, craft_run)
 
 def test_resume_restores_the_uninterrupted_eval_history_and_sets_the_rest_aside(demo, craft_run, tmp_path):
     run_dir, metrics, rows = craft_run
-    copy = tmp_path / "run"  # the run folder as it was, checkpoint 4 included (checkpoint 8 not needed)
-    copy.mkdir()
-    for name in ("metrics.jsonl", "eval.jsonl", "config.yaml", "dataset_statistics.json"):
-        shutil.copy(run_dir / name, copy / name)
-    shutil.copytree(run_dir / "checkpoints" / f"step-{SAVE:06d}", copy / "checkpoints" / f"step-{SAVE:06d}")
+    copy = run_cut_at(run_dir, SAVE, tmp_path / "run")
     original_eval = (copy / "eval.jsonl").read_text().splitlines()
 
     run(demo, tmp_path, **craft_flags(resume_from=str(copy / "checkpoints" / f"step-{SAVE:06d}")))
