@@ -63,6 +63,11 @@ def _check_step(r: dict, step_impl: str) -> None:
     assert r["mem_method"].startswith("cpu:")
     assert all(len(v) == 1 for v in r["times_s"].values())
     assert math.isfinite(r["last_craft_step"]["L_act"]) and math.isfinite(r["last_craft_step"]["L_ret"])
+    assert r["flops_base"] > 0 and r["flops_anchor"] > 0
+    assert r["flops_craft"] == r["flops_base"] + r["flops_anchor"]
+    assert r["peak_flops"] is None and r["mfu_base"] is None and r["mfu_craft"] is None  # cpu, no --peak_tflops
+    # The two-pass anchor pass runs BOS and the image only (mean_image_tokens pooling); one_pass whole prompts.
+    assert r["anchor_pass_positions"] == (257 if step_impl == "two_pass" else r["seq_len_anchor"])
 
 
 @pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
@@ -77,10 +82,12 @@ def test_bench_step_tiny_cpu(tmp_path, step_impl):
 
 @pytest.mark.parametrize("step_impl", ["two_pass", "one_pass"])
 def test_bench_step_tiny_sharded_on_two_cpu_ranks(tmp_path, step_impl):
-    r = _run("bench_step.py", tmp_path / "step.json", *TINY_STEP, "--warmup", "0", "--step_impl", step_impl,
+    keep = ["--keep_weights_gathered", "true"] if step_impl == "two_pass" else []  # the default: test_distributed
+    r = _run("bench_step.py", tmp_path / "step.json", *TINY_STEP, "--warmup", "0", "--step_impl", step_impl, *keep,
              launcher=TORCHRUN_2, env={**os.environ, "OMP_NUM_THREADS": "1"})
     _check_step(r, step_impl)
     assert (r["world_size"], r["sharded"], r["sharding_strategy"]) == (2, True, "full-shard")
+    assert r["keep_weights_gathered"] is bool(keep)
     # Bytes are counted on rank 0's shards: at least half of each gradient (FSDP rounds rank 0's rows up).
     assert 2 * r["grad_params"] <= r["grad_buffer_bytes"] < 4 * r["grad_params"]
 

@@ -94,3 +94,12 @@ def test_world_size_must_divide_the_global_batch(demo, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "3")
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     _fails(_cfg(demo, tmp_path, **{"vla.global_batch_size": 32}), "--vla.global_batch_size 32", "world size 3")
+
+
+def test_bf16_on_a_cpu_gets_a_note_and_float32_none(demo, demo_bf16_cache, tmp_path):
+    """The CPU's fast dtype is float32 (benchmarks/RESULTS.md, section 6): a bf16 CPU run is told so, once."""
+    assert not [n for n in preflight(_cfg(demo, tmp_path, device="cpu")).notes if "bf16" in n]
+    cfg = _cfg(demo, tmp_path, device="cpu", **{"vla.enable_mixed_precision_training": True})
+    cfg.craft.anchor_cache_dir = demo_bf16_cache
+    notes = [n for n in preflight(cfg).notes if "bf16 mixed precision on a CPU" in n]
+    assert len(notes) == 1 and "--vla.enable_mixed_precision_training false" in notes[0]

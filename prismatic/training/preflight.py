@@ -100,6 +100,11 @@ def _preflight(cfg: TrainConfig) -> Plan:
 
     if world_size % env.local_world_size:
         raise ValueError(f"world size {world_size} is not a multiple of the processes per node {env.local_world_size}")
+    device = resolve_device(cfg.device, env)
+    if device.type == "cpu" and cfg.vla.enable_mixed_precision_training:
+        notes.append("bf16 mixed precision on a CPU: the demo's step measured 1.3-1.7x slower than in float32, even "
+                     "on a CPU with bf16 instructions (benchmarks/RESULTS.md, section 6); for a CPU run pass "
+                     "--vla.enable_mixed_precision_training false, with an anchor cache built with --dtype float32")
 
     if resume_path is None and not cfg.dry_run_batches and run_dir.exists() and any(run_dir.iterdir()):
         raise FileExistsError(
@@ -107,7 +112,7 @@ def _preflight(cfg: TrainConfig) -> Plan:
             "another --run_id or --run_id_note (nothing there was touched)"
         )
     return Plan(
-        run_id=run_id, run_dir=run_dir, env=env, device=resolve_device(cfg.device, env),
+        run_id=run_id, run_dir=run_dir, env=env, device=device,
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
         mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
     )
