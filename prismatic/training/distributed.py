@@ -103,6 +103,7 @@ class FSDPCollective(Collective):
         self.anchor = ShardedAnchorGrads(model, split) if split is not None else None
         self.keep_gathered = keep_gathered
         self.units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.inner_units = [u for u in self.units if u is not model]  # the root never reshards after its forward
 
     @contextmanager
     def gathered_until_anchor_backward(self):
@@ -120,17 +121,16 @@ class FSDPCollective(Collective):
 
     @contextmanager
     def anchor_forward(self):
-        """Units (not the root, which never reshards after its forward) keep their weights for the backward."""
+        """The units below the root keep their weights for the backward."""
         if not self.keep_gathered:
             yield
             return
-        inner = [u for u in self.units if u is not self.model]
-        for unit in inner:
+        for unit in self.inner_units:
             unit.set_reshard_after_forward(False, recurse=False)
         try:
             yield
         finally:
-            for unit in inner:
+            for unit in self.inner_units:
                 unit.set_reshard_after_forward(True, recurse=False)
 
     def set_grad_sync(self, enabled: bool) -> None:
