@@ -1,6 +1,7 @@
 """The whole demo pipeline once: assets -> anchor cache -> train_craft.py with the user's flags."""
 
 import json
+import re
 import shutil
 
 import pytest
@@ -32,10 +33,14 @@ def test_training_run_logs_the_eight_fields_and_the_dual_variable_tracks_the_bud
 
 
 def test_dry_run_reports_and_writes_nothing(demo, tmp_path):
-    res = run_script(user_flags(demo, tmp_path, dry_run_batches=2))
+    res = run_script(user_flags(demo, tmp_path, dry_run_batches=2, **{"craft.keep_weights_gathered": "true"}))
     assert res.returncode == 0, res.stderr[-3000:]
     assert "CRaFT pre-flight report" in res.stdout and "2 run, 0 skipped" in res.stdout
     assert not (tmp_path / "run").exists()
+    # The memory the flag costs under FSDP, which one process cannot show: every parameter gathered, in float32.
+    params = int(re.search(r"([\d,]+) parameters, ", res.stdout).group(1).replace(",", ""))
+    line = next(line for line in res.stdout.splitlines() if line.startswith("gathered :"))
+    assert f"up to {params * 4 / 2**30:.2f} GiB" in line and line.endswith("no effect on one process"), line
 
 
 def test_disabled_craft_is_plain_behaviour_cloning(demo, tmp_path):

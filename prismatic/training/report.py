@@ -44,6 +44,12 @@ def dry_run_report(cfg, plan, records: List[dict], total_params: int, trainable_
             f"grad_cos : {_fmt_range([r['grad_cos'] for r in records])}; projection on "
             f"{sum(bool(r['projection']) for r in records)}/{len(records)} steps",
         ]
+        if cfg.craft.keep_weights_gathered:  # what one GPU cannot show: the sharded run's extra memory
+            gathered = total_params * (2 if cfg.vla.enable_mixed_precision_training else 4)
+            lines.append(f"gathered : --craft.keep_weights_gathered: under FSDP each GPU holds all the gathered weights "
+                         f"from the action backward to the end of the anchor pass, up to {gathered / 2**30:.2f} GiB "
+                         f"({total_params:,} parameters in {cfg.vla.compute_dtype}) beyond FSDP's own peak"
+                         + ("; no effect on one process" if plan.world_size == 1 else ""))
     lines += [
         f"L_act    : {_fmt_range([r['L_act'] for r in records])}",
         f"steps    : {len(records)} run, {skipped} skipped for non-finite values",
