@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from prismatic.util.tf_setup import import_tensorflow
-from prismatic.vla.datasets.synthetic import main, write_synthetic_libero
+from prismatic.vla.datasets.synthetic import main, validation_file_paths, write_synthetic_libero
 
 SMALL = dict(num_tasks=2, episodes_per_task=2, steps_per_episode=10, image_size=64)
 
@@ -92,3 +92,28 @@ def test_cli(tmp_path, capsys):
           "--episodes_per_task", "1", "--steps_per_episode", "3", "--image_size", "32"])
     assert (tmp_path / "libero_goal_no_noops" / "1.0.0" / "dataset_info.json").is_file()
     assert str(tmp_path / "libero_goal_no_noops" / "1.0.0") in capsys.readouterr().out
+
+
+def test_validation_scenes_redraw_only_the_held_out_episodes(tmp_path):
+    """A dataset whose validation episodes are drawn in other scenes: the training split and every action are
+    those of the same dataset without them, and the held-out pictures take the other scene's colour."""
+    args = dict(SMALL, num_tasks=2, episodes_per_task=10, steps_per_episode=2, first_task=2, scene_slots=4)
+    write_synthetic_libero(tmp_path, name="libero_90_no_noops", **args)
+    write_synthetic_libero(tmp_path, name="libero_goal_no_noops", validation_scenes=(0, 1), **args)
+    held_out = validation_file_paths(tmp_path / "libero_90_no_noops" / "1.0.0")
+    assert held_out == validation_file_paths(tmp_path / "libero_goal_no_noops" / "1.0.0")
+    assert 0 < len(held_out) < 20
+
+    def by_path(name):
+        return {ep["episode_metadata"]["file_path"].decode(): ep for ep in _episodes(tmp_path, name)[1]}
+
+    plain, moved = by_path("libero_90_no_noops"), by_path("libero_goal_no_noops")
+    assert plain.keys() == moved.keys()
+    for path, ep in plain.items():
+        images = [np.stack([s["observation"]["image"] for s in e["steps"]]) for e in (ep, moved[path])]
+        actions = [np.stack([s["action"] for s in e["steps"]]) for e in (ep, moved[path])]
+        np.testing.assert_array_equal(actions[0], actions[1])
+        if path in held_out:  # tasks 2, 3 drawn in scenes 0, 1: another background colour
+            assert np.abs(images[0].mean((0, 1, 2)) - images[1].mean((0, 1, 2))).max() > 30
+        else:
+            np.testing.assert_array_equal(images[0], images[1])
