@@ -1,7 +1,8 @@
-"""Curves over training steps, every arm overlaid (mean over seeds, shaded from the lowest to the highest seed)."""
+"""The frontier of one setting: old-task L1 increase against new-task L1, one curve per method over its knob."""
 
+import math
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import matplotlib
 
@@ -9,60 +10,38 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from summary import HELDOUT, OLD_ACC, OLD_L1, VAL_ACC, VAL_L1, read_jsonl  # noqa: E402
-
-# (source file, key, panel title, log y-axis), row by row
-PANELS = (
-    ("eval.jsonl", HELDOUT, "held-out anchor drift (MSE)", True),
-    ("metrics.jsonl", "lambda", "lambda (log axis: zeros not drawn)", True),
-    ("eval.jsonl", OLD_ACC, "A (old tasks) validation action accuracy", False),
-    ("eval.jsonl", OLD_L1, "A (old tasks) validation L1 (lower is better)", False),
-    ("eval.jsonl", VAL_ACC, "B (new data) validation action accuracy", False),
-    ("eval.jsonl", VAL_L1, "B (new data) validation L1 (lower is better)", False),
-)
+from summary import half_width  # noqa: E402
 
 
-def _series(run_dirs: List[Path], source: str, key: str):
-    """Steps logged by every seed, and the value of each seed at those steps (None when nothing was logged)."""
-    per_run = []
-    for run_dir in run_dirs:
-        rows = [r for r in read_jsonl(run_dir / source) if r.get(key) is not None]
-        per_run.append({r["step"]: r[key] for r in rows})
-    steps = sorted(set.intersection(*(set(d) for d in per_run))) if per_run else []
-    if not steps:
-        return None
-    return np.array(steps), np.array([[d[s] for s in steps] for d in per_run])
+def _bar(values) -> float:
+    """95 % half-width to draw; none for a single seed (its interval is unbounded)."""
+    h = half_width(values)
+    return h if math.isfinite(h) else 0.0
 
 
-def plot_setting(runs: Dict[str, List[Path]], epsilon: float, title: str, out: Path) -> Path:
-    """`runs`: {arm: run folders, one per seed}. Drift panels draw the tuned budget epsilon as a dashed line."""
-    fig, axes = plt.subplots(3, 2, figsize=(14, 13))
+def plot_frontier(curves: Dict[str, List[Tuple[str, dict]]], title: str, out: Path) -> Path:
+    """`curves`: {label: [(knob label, {"new_l1": [per seed], "old_increase": [per seed]}), ...] in knob order}.
+    Points are means over seeds; bars the 95 % t-intervals in both axes. Down and left is better."""
+    fig, ax = plt.subplots(figsize=(10, 7))
     colours = plt.get_cmap("tab10")
-    for ax, (source, key, panel, log) in zip(axes.flat, PANELS):
-        plotted = False
-        for i, (arm, dirs) in enumerate(runs.items()):
-            series = _series(dirs, source, key)
-            if series is None:
-                continue
-            steps, values = series
-            if log:
-                values = np.where(values > 0, values, np.nan)
-            ax.plot(steps, values.mean(axis=0), color=colours(i % 10), label=arm, lw=1.5)
-            ax.fill_between(steps, values.min(axis=0), values.max(axis=0), color=colours(i % 10), alpha=0.15, lw=0)
-            plotted = True
-        if key == HELDOUT:
-            ax.axhline(epsilon, color="black", ls="--", lw=1, label=f"tuned epsilon {epsilon:.2g}")
-        if log and plotted:
-            ax.set_yscale("log")
-        ax.set_title(panel if plotted else f"{panel}: not logged")
-        ax.set_xlabel("fine-tuning step")
-        ax.grid(alpha=0.3)
-    axes.flat[0].legend(fontsize=8, ncol=2)
-    fig.suptitle(title)
+    for i, (label, points) in enumerate(curves.items()):
+        points = [(knob, n) for knob, n in points if n["new_l1"] and n["old_increase"]]
+        if not points:
+            continue
+        x = np.array([np.mean(n["new_l1"]) for _, n in points])
+        y = np.array([np.mean(n["old_increase"]) for _, n in points])
+        ax.errorbar(x, y, xerr=[_bar(n["new_l1"]) for _, n in points], yerr=[_bar(n["old_increase"]) for _, n in points],
+                    color=colours(i % 10), marker="o", ms=4, lw=1.2, capsize=2, label=label)
+        for (knob, _), xi, yi in zip(points, x, y):
+            ax.annotate(knob, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colours(i % 10))
+    ax.axhline(0.0, color="black", lw=0.8, ls=":")
+    ax.set_xlabel("new-task validation L1, end (lower: learned more)")
+    ax.set_ylabel("old-task (A) validation L1 increase over the run's step 0 (lower: forgot less)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title)
     fig.tight_layout()
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out, dpi=110)
     plt.close(fig)
     return out
-
-

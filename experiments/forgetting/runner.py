@@ -1,6 +1,10 @@
 """Trainer runs driven through their command-line flags: in this process, or in a pool of single-threaded workers
-(two small runs side by side use two cores better than one run with two threads)."""
+(two small runs side by side use two cores better than one run with two threads).
 
+A run is done when its logs are complete. Fine-tuning runs drop their checkpoint as soon as they finish and copy
+their logs to an export folder, which is what lets a fresh machine, given that folder, skip them."""
+
+import json
 import multiprocessing
 import os
 import shutil
@@ -9,7 +13,9 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from contextlib import redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Sequence
+from typing import List, Optional, Sequence
+
+LOGS = ("metrics.jsonl", "eval.jsonl", "config.yaml")
 
 
 @dataclass(frozen=True)
@@ -18,6 +24,8 @@ class Run:
     run_id: str
     steps: int
     args: tuple  # every trainer flag but --run_root_dir/--run_id/--vla.max_steps/--save_interval
+    keep_checkpoint: bool = False  # the final checkpoint is an input of later steps (pretraining, calibration)
+    export: Optional[Path] = None  # the logs of the finished run are copied to <export>/<run_id>/
 
     @property
     def run_dir(self) -> Path:
@@ -25,8 +33,14 @@ class Run:
 
     @property
     def done(self) -> bool:
-        """The trainer writes its last checkpoint after its last log row."""
-        return (self.run_dir / "checkpoints" / f"step-{self.steps:06d}").is_dir()
+        """The last step's metrics row and the final evaluation row are written (and, where kept, the final
+        checkpoint, which the trainer writes after them). Logs found only in the export folder are restored."""
+        if not _logs_complete(self.run_dir, self.steps) and self.export is not None and \
+                _logs_complete(self.export / self.run_id, self.steps):
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            shutil.copytree(self.export / self.run_id, self.run_dir)
+        return _logs_complete(self.run_dir, self.steps) and (
+            not self.keep_checkpoint or (self.run_dir / "checkpoints" / f"step-{self.steps:06d}").is_dir())
 
     def flags(self) -> List[str]:
         return [*map(str, self.args), "--run_root_dir", str(self.run_root), "--run_id", self.run_id,
@@ -51,10 +65,30 @@ def train_run(run: Run) -> Run:
         except BaseException:
             traceback.print_exc()
             raise
+    if not run.keep_checkpoint:
+        shutil.rmtree(run.run_dir / "checkpoints")
+    if run.export is not None:
+        target = run.export / run.run_id
+        shutil.rmtree(target, ignore_errors=True)
+        target.mkdir(parents=True)
+        for name in LOGS:
+            shutil.copy2(run.run_dir / name, target / name)
     return run
 
 
-def _one_thread() -> None:
+def _logs_complete(run_dir: Path, steps: int) -> bool:
+    """Whether the trainer's last metrics row is step `steps` and an evaluation row of that step follows (a line
+    cut short by an interrupted write is not a row)."""
+    if not all((run_dir / name).is_file() for name in LOGS):
+        return False
+    try:
+        last = [json.loads(p.read_text().splitlines()[-1]) for p in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl")]
+    except (IndexError, ValueError):
+        return False
+    return all(row.get("step") == steps for row in last)
+
+
+def one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
@@ -70,7 +104,7 @@ def train_runs(runs: Sequence[Run], workers: int) -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP before torch sets its own count
     errors = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread) as pool:
         futures = {pool.submit(train_run, run): run for run in pending}
         for future in as_completed(futures):
             run = futures[future]
