@@ -38,7 +38,7 @@ def anchor_flops(model: OpenVLA, text_len: int, hidden_layer: int) -> int:
             target = torch.zeros(1, model.language_model.config.hidden_size)
 
         def anchor_pass():
-            hidden = model.hidden_states(pixels, ids, None, layer=hidden_layer)
+            hidden = model.hidden_states(pixels, ids, None, layers=(hidden_layer,))[0]
             retention_loss(hidden[:, model.image_token_slice].float().mean(dim=1), target, "mse").backward()
         return counted_flops(anchor_pass)
     finally:

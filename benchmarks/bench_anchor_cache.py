@@ -36,7 +36,9 @@ from common import PeakRSS, base_record, cpu_description, median, ru_maxrss_byte
 import prismatic.models  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
-from craft.anchor_cache import ARRAYS, AnchorCache, AnchorCacheWriter, anchor_indices  # noqa: E402
+from craft.anchor_cache import INPUTS, AnchorCache, AnchorCacheWriter, anchor_indices  # noqa: E402
+
+ARRAYS = (*INPUTS, "target_features")  # what a hidden-state cache holds
 
 REQUIRED_KEYS = ("date", "device", "num_anchors", "bytes_per_anchor", "cache_bytes", "results")
 
@@ -64,7 +66,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def write_cache(path: Path, n: int, image_size: int, prompt_len: int, hidden_dim: int, seed: int) -> Path:
     rng = np.random.default_rng(seed)
-    writer = AnchorCacheWriter(path, n, (image_size, image_size, 3), prompt_len, hidden_dim)
+    writer = AnchorCacheWriter(path, {"images": (n, image_size, image_size, 3), "input_ids": (n, prompt_len),
+                                      "attention_mask": (n, prompt_len), "target_features": (n, hidden_dim)})
     chunk = 64
     for start in range(0, n, chunk):
         k = min(chunk, n - start)
@@ -77,7 +80,8 @@ def write_cache(path: Path, n: int, image_size: int, prompt_len: int, hidden_dim
             "target_features": rng.standard_normal((k, hidden_dim), dtype=np.float32),
         }
         writer.append(rows, [f"anchor {start + i}" for i in range(k)])
-    out = writer.close({"hidden_layer": -2, "pooling": "mean_image_tokens", "dtype": "bfloat16"})
+    out = writer.close({"hidden_layer": -2, "pooling": "mean_image_tokens", "dtype": "bfloat16",
+                        "hidden_dim": hidden_dim})
     for name in ARRAYS:  # make the pages clean, so DONTNEED can drop them
         fd = os.open(out / f"{name}.npy", os.O_RDONLY)
         try:

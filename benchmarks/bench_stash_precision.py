@@ -31,7 +31,7 @@ def gradients(seed: int, batch: int = 4, anchors: int = 4):
     pv = torch.randn(batch + anchors, 6, 224, 224)
     model(pv[:batch], ids[:batch], mask[:batch], labels=labels).loss.backward()
     g_act = take_grads(params)
-    hidden = model.hidden_states(pv[batch:], ids[batch:], mask[batch:], layer=-2)
+    hidden = model.hidden_states(pv[batch:], ids[batch:], mask[batch:], layers=(-2,))[0]
     target = torch.randn(anchors, hidden.shape[-1])
     retention_loss(pool_hidden(hidden, "mean_image_tokens", model.image_token_slice, mask[batch:]), target,
                    "mse").backward()

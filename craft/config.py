@@ -2,11 +2,15 @@
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Tuple
 
-RETENTION_MODES = ("hidden",)
+RETENTION_MODES = ("hidden", "action")
 POOLINGS = ("mean_image_tokens", "mean_all_tokens", "last_token")
-RETENTION_LOSS_TYPES = ("mse", "cosine")
+# Per mode: the loss types it accepts, the first being its default. nmse = MSE / the target's mean square (per
+# anchor and layer): a relative drift, so one epsilon means the same on every model and layer. kl = KL(pretrained
+# || current) of the action-token distributions, in nats.
+MODE_LOSS_TYPES = {"hidden": ("mse", "nmse", "cosine"), "action": ("kl",)}
+RETENTION_LOSS_TYPES = tuple(t for types in MODE_LOSS_TYPES.values() for t in types)
 EPSILON_SCHEDULES = ("constant", "linear", "cosine")
 STASH_DTYPES = ("float32", "bfloat16")
 STEP_IMPLS = ("two_pass", "one_pass")
@@ -21,13 +25,17 @@ class CraftConfigError(ValueError):
 @dataclass
 class CraftConfig:
     enabled: bool = True
-    # Which representation is kept: "hidden" = pooled LLM hidden state of `hidden_layer`.
+    # What is kept: "hidden" = the pooled LLM hidden state of `hidden_layer` (or of each of `hidden_layers`);
+    # "action" = the pretrained model's distribution over the action bins at each action token of the anchors.
     retention_mode: str = "hidden"
     anchor_cache_dir: Optional[Path] = None
     pooling: str = "mean_image_tokens"
-    retention_loss_type: str = "mse"
+    # hidden: mse | nmse | cosine; action: kl. Default (null): the mode's first (mse, kl).
+    retention_loss_type: Optional[str] = None
     # Python index into the hidden-state tuple (embeddings, layer 1, ..., layer n): -2 = layer n-1.
     hidden_layer: int = -2
+    # Several layers at once, e.g. [-1,-2]: L_ret is the mean of their losses. Empty: `hidden_layer` alone.
+    hidden_layers: Tuple[int, ...] = ()
     # Drift budget L_ret <= epsilon; with a schedule, epsilon is the value reached at the end.
     epsilon: float = 0.05
     epsilon_schedule: str = "constant"
@@ -65,13 +73,27 @@ class CraftConfig:
     # unsharded copy of the weights while it runs. Changes no value; no effect on a single process.
     keep_weights_gathered: bool = False
 
+    @property
+    def layers(self) -> Tuple[int, ...]:
+        return tuple(self.hidden_layers) or (self.hidden_layer,)
+
+    @property
+    def loss_type(self) -> str:
+        return self.retention_loss_type or MODE_LOSS_TYPES.get(self.retention_mode, ("mse",))[0]
+
     def validate(self) -> None:
         """Reject values that would make the run meaningless, before any model or data is touched."""
         if not self.enabled:
             return
         _choice("retention_mode", self.retention_mode, RETENTION_MODES)
         _choice("pooling", self.pooling, POOLINGS)
-        _choice("retention_loss_type", self.retention_loss_type, RETENTION_LOSS_TYPES)
+        if self.loss_type not in MODE_LOSS_TYPES[self.retention_mode]:
+            raise CraftConfigError(
+                f"--craft.retention_loss_type must be one of {list(MODE_LOSS_TYPES[self.retention_mode])} with "
+                f"--craft.retention_mode {self.retention_mode}; found {self.retention_loss_type!r}"
+            )
+        if len(set(self.layers)) != len(self.layers):
+            raise CraftConfigError(f"--craft.hidden_layers must not repeat a layer; found {list(self.hidden_layers)}")
         _choice("epsilon_schedule", self.epsilon_schedule, EPSILON_SCHEDULES)
         if self.anchor_cache_dir is None:
             raise CraftConfigError(
@@ -79,6 +101,11 @@ class CraftConfig:
                 "(build one with vla-scripts/build_anchor_cache.py); found: not set"
             )
         _choice("step_impl", self.step_impl, STEP_IMPLS)
+        if self.retention_mode == "action" and self.step_impl != "two_pass":
+            raise CraftConfigError(
+                "--craft.retention_mode action runs with --craft.step_impl two_pass only (its anchors are teacher-forced "
+                f"sequences of their own); found --craft.step_impl {self.step_impl}"
+            )
         if self.keep_weights_gathered and self.step_impl != "two_pass":
             raise CraftConfigError(
                 "--craft.keep_weights_gathered applies only with --craft.step_impl two_pass (one_pass gathers the "

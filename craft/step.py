@@ -12,6 +12,7 @@ from craft.one_pass import RowGroupSplit
 from craft.surgery import Grads, Surgery, clip_scale, combine_into_grads, grad_products, local, squared_norm, take_grads
 
 LossFn = Callable[[], torch.Tensor]  # runs one micro-batch forward and returns its mean loss
+Regularizer = Optional[Callable[[], None]]  # adds a penalty's gradient to the action gradient in `.grad` (L2-SP)
 # One joint micro-batch: (forward returning (L_act, L_ret), number of action rows, number of rows).
 JointLoss = Tuple[Callable[[], Tuple[torch.Tensor, torch.Tensor]], int, int]
 
@@ -74,12 +75,16 @@ def craft_step(
     stash_dtype: Optional[torch.dtype] = None,
     project: bool = True,
     next_step: Optional[int] = None,
+    regularize: Regularizer = None,
 ) -> StepResult:
     """`project` false never projects g_act (the "lambda only" ablation); `next_step` is the training step at
-    which the constraint is next updated (default: the next one), so its epsilon schedule follows training steps."""
+    which the constraint is next updated (default: the next one), so its epsilon schedule follows training steps;
+    `regularize` adds its penalty's gradient to g_act."""
     optimizer.zero_grad(set_to_none=True)
     with collective.gathered_until_anchor_backward():
         l_act = accumulate(action_losses, collective)  # 1. g_act
+        if regularize:
+            regularize()
         g_act = take_grads(params, stash_dtype)
         l_ret = accumulate(retention_losses, collective)  # 2. g_ret
     g_ret = take_grads(params)
@@ -98,6 +103,7 @@ def craft_step_one_pass(
     stash_dtype: Optional[torch.dtype] = None,
     project: bool = True,
     next_step: Optional[int] = None,
+    regularize: Regularizer = None,
 ) -> StepResult:
     """Steps 1-2 from one forward/backward per joint micro-batch (see craft.one_pass); then as craft_step."""
     optimizer.zero_grad(set_to_none=True)
@@ -108,6 +114,8 @@ def craft_step_one_pass(
             la, lr = fn()
             ((la + lr) / len(joint_losses)).backward()
         l_act, l_ret = l_act + la.detach().double().cpu(), l_ret + lr.detach().double().cpu()
+    if regularize:
+        regularize()
     g_act, g_ret = take_grads(params, stash_dtype), collective.anchor_grads(split, params)
     return _constrained_update(params, optimizer, constraint, g_act, g_ret, l_act / len(joint_losses),
                                l_ret / len(joint_losses), max_grad_norm, collective, project, next_step)
@@ -139,10 +147,13 @@ def baseline_step(
     action_losses: Sequence[LossFn],
     max_grad_norm: float,
     collective: Collective = Collective(),
+    regularize: Regularizer = None,
 ) -> StepResult:
-    """Plain behaviour cloning: exactly what `--craft.enabled false` runs."""
+    """Plain behaviour cloning: exactly what `--craft.enabled false` runs (with `regularize`: plus its penalty)."""
     optimizer.zero_grad(set_to_none=True)
     l_act = accumulate(action_losses, collective)
+    if regularize:
+        regularize()
     grads = [p.grad for p in params]
     zero = torch.zeros((), dtype=torch.float64)
     _, grad_sq, _, l_act, _ = collective.reduce(torch.stack([zero, squared_norm(grads).cpu(), zero, l_act, zero])).tolist()

@@ -9,7 +9,12 @@ from craft.anchor_cache import (AnchorCache, AnchorCacheError, AnchorCacheWriter
                                 check_cache_matches, read_meta)
 from craft.config import CraftConfigError
 
-META = {"hidden_layer": -2, "pooling": "mean_image_tokens", "dtype": "bfloat16", "model": {"checkpoint": "m"}}
+META = {"hidden_layer": -2, "pooling": "mean_image_tokens", "dtype": "bfloat16", "hidden_dim": 6,
+        "model": {"checkpoint": "m"}}
+
+
+def _shapes(n, d=6, length=5):
+    return {"images": (n, 8, 8, 3), "input_ids": (n, length), "attention_mask": (n, length), "target_features": (n, d)}
 
 
 def _rows(rng, n, d=6, length=5):
@@ -24,12 +29,12 @@ def _rows(rng, n, d=6, length=5):
 def _write(path, n=10, d=6, chunks=(4, 6)):
     rng = np.random.default_rng(0)
     rows = _rows(rng, n, d)
-    writer = AnchorCacheWriter(path, n, (8, 8, 3), 5, d)
+    writer = AnchorCacheWriter(path, _shapes(n, d))
     start = 0
     for c in chunks:
         writer.append({k: v[start : start + c] for k, v in rows.items()}, [f"task {i}" for i in range(start, start + c)])
         start += c
-    writer.close(dict(META))
+    writer.close({**META, "hidden_dim": d})
     return rows
 
 
@@ -50,9 +55,9 @@ def test_writer_refuses_to_overwrite_and_incomplete_cache_is_not_published(tmp_p
     _write(tmp_path / "cache")
     before = (tmp_path / "cache" / "target_features.npy").read_bytes()
     with pytest.raises(FileExistsError, match="already exists"):
-        AnchorCacheWriter(tmp_path / "cache", 10, (8, 8, 3), 5, 6)
+        AnchorCacheWriter(tmp_path / "cache", _shapes(10))
     assert (tmp_path / "cache" / "target_features.npy").read_bytes() == before
-    writer = AnchorCacheWriter(tmp_path / "other", 10, (8, 8, 3), 5, 6)
+    writer = AnchorCacheWriter(tmp_path / "other", _shapes(10))
     writer.append({k: v[:3] for k, v in _rows(np.random.default_rng(1), 3).items()}, ["a"] * 3)
     with pytest.raises(ValueError, match="only 3 written"):
         writer.close(dict(META))
@@ -76,16 +81,23 @@ def test_truncated_or_missing_files_give_one_clear_error(tmp_path):
 
 
 def _check(**overrides):
-    meta = {**META, "hidden_dim": 64, "num_anchors": 16}
-    args = dict(hidden_layer=-2, pooling="mean_image_tokens", dtype="bfloat16", hidden_dim=64, anchor_batch_size=4)
+    meta = {**META, "hidden_dim": 64, "num_anchors": 16, "shapes": {}}
+    args = dict(retention_mode="hidden", layers=(-2,), pooling="mean_image_tokens", dtype="bfloat16", hidden_dim=64,
+                anchor_batch_size=4)
     check_cache_matches(meta, **{**args, **overrides})
 
 
 @pytest.mark.parametrize("override,pattern", [
-    ({"hidden_layer": -1}, r"--craft.hidden_layer is -1 but the anchor cache was built with -2"),
+    ({"layers": (-1,)}, r"--craft.hidden_layer is -1 but the anchor cache was built with -2: pass --craft.hidden_layer -2"),
+    ({"layers": (-1, -2)}, r"--craft.hidden_layers is \[-1, -2\] but the anchor cache was built with -2"),
+    ({"retention_mode": "action"}, r"--craft.retention_mode is 'action' but the anchor cache was built for 'hidden': "
+                                   r"pass --craft.retention_mode hidden or build a cache with .* --retention_mode action"),
+    ({"needs_actions": "--vla.replay_batch_size"}, r"--vla.replay_batch_size reads the anchors' recorded actions, "
+                                                   r"which the anchor cache does not hold"),
     ({"pooling": "last_token"}, r"--craft.pooling is 'last_token' but the anchor cache was built with 'mean_image_tokens'"),
-    ({"dtype": "float32"}, r"training computes in float32 but .* features computed in bfloat16"),
-    ({"hidden_dim": 4096}, r"target_features of width 64 but the model's hidden size is 4096:"),
+    ({"dtype": "float32"}, r"training computes in float32 but .* targets computed in bfloat16; rebuild the cache with "
+                           r"--dtype float32, or compute in bfloat16 \(--vla.enable_mixed_precision_training true\)"),
+    ({"hidden_dim": 4096}, r"targets of a model with hidden size 64 but the model's hidden size is 4096:"),
     ({"dtype": "float32", "dtype_flag": "--mixed"}, r"training computes in float32 \(--mixed\) but"),
     ({"hidden_dim": 4096, "model_flag": "--model"}, r"the model's hidden size is 4096 \(--model\)"),
     ({"anchor_batch_size": 17}, r"--craft.anchor_batch_size is 17 but the anchor cache holds only 16 anchors"),
@@ -98,9 +110,9 @@ def test_mismatches_name_flag_expected_and_found(override, pattern):
 def test_non_finite_target_is_refused_when_built_and_when_opened(tmp_path):
     rows = _rows(np.random.default_rng(2), 4)
     rows["target_features"][2, 1] = np.inf
-    writer = AnchorCacheWriter(tmp_path / "built", 10, (8, 8, 3), 5, 6)
+    writer = AnchorCacheWriter(tmp_path / "built", _shapes(10))
     writer.append({k: v[:4] for k, v in _rows(np.random.default_rng(1), 4).items()}, ["a"] * 4)
-    with pytest.raises(AnchorCacheError, match=r"non-finite target feature .* anchor 6 \(row 6 of target_features.npy"):
+    with pytest.raises(AnchorCacheError, match=r"non-finite target \(NaN or inf\) for anchor 6 \(row 6 of target_features.npy"):
         writer.append(rows, [f"task {i}" for i in range(4)])
     assert not (tmp_path / "built").exists() and not (tmp_path / "built.partial").exists()
 

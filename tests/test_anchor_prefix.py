@@ -28,7 +28,7 @@ def _anchors():
 
 def _full_sequence_features(model, batch, layer):
     """The definition: image-token mean of the hidden states of the whole prompt."""
-    hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layer=layer)
+    hidden = model.hidden_states(batch["pixel_values"], batch["input_ids"], batch["attention_mask"], layers=(layer,))[0]
     return hidden[:, model.image_token_slice].mean(dim=1)
 
 
@@ -50,7 +50,7 @@ def test_prefix_features_and_gradients_equal_the_full_prompt(model, layer):
 
     lengths, hook = _llm_lengths(model)
     try:
-        prefix = anchor_features(model, batch, layer, "mean_image_tokens")
+        prefix = anchor_features(model, batch, (layer,), "mean_image_tokens")
     finally:
         hook.remove()
     full = _full_sequence_features(model, batch, layer)
@@ -70,7 +70,7 @@ def test_poolings_that_read_the_prompt_see_all_of_it(model, pooling):
     lengths, hook = _llm_lengths(model)
     try:
         with torch.no_grad():
-            anchor_features(model, batch, -2, pooling)
+            anchor_features(model, batch, (-2,), pooling)
     finally:
         hook.remove()
     assert lengths == [batch["input_ids"].shape[1] + model.num_image_tokens]

@@ -136,7 +136,7 @@ def _float64_reference(model, config, cache: AnchorCache, indices, epsilon):
     inputs = anchor_inputs(rows, ImageProcessor(config))
     with torch.no_grad():
         hidden = model64.hidden_states(inputs["pixel_values"].double(), inputs["input_ids"], inputs["attention_mask"],
-                                       layer=cache.meta["hidden_layer"]).numpy()
+                                       layers=(cache.meta["hidden_layer"],))[0].numpy()
     features = hidden[:, 1 : 1 + config.num_image_tokens].mean(axis=1)
     targets = rows["target_features"].astype(np.float64)
     drift = ((features - targets) ** 2).mean(axis=1)

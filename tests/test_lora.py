@@ -41,7 +41,7 @@ def _losses(model, dtype):
     pv, ids, mask, labels, target = _batches()
     pv, target = pv.to(dtype), target.to(dtype)
     act = lambda: model(pv, ids, mask, labels=labels).loss  # noqa: E731
-    ret = lambda: retention_loss(pool_hidden(model.hidden_states(pv, ids, mask, layer=-2), "mean_image_tokens",  # noqa: E731
+    ret = lambda: retention_loss(pool_hidden(model.hidden_states(pv, ids, mask, layers=(-2,))[0], "mean_image_tokens",  # noqa: E731
                                              model.image_token_slice, mask), target, "mse")
     return act, ret
 

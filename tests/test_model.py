@@ -173,7 +173,7 @@ def test_sequence_layout_and_hidden_states(model, batch):
         out = model(pixel_values, input_ids, attention_mask, output_hidden_states=True)
         for h in hooks:
             h.remove()
-        penultimate = model.hidden_states(pixel_values, input_ids, attention_mask, layer=-2)
+        penultimate, last = model.hidden_states(pixel_values, input_ids, attention_mask, layers=(-2, -1))
         patches = model.projector(model.vision_backbone(pixel_values))
         text = llm.embed_tokens(input_ids)
 
@@ -188,10 +188,11 @@ def test_sequence_layout_and_hidden_states(model, batch):
     torch.testing.assert_close(penultimate, hs[-2], rtol=0, atol=0)
     torch.testing.assert_close(penultimate, captured["layer_n_minus_1"], rtol=0, atol=0)
     torch.testing.assert_close(hs[-1], captured["norm"], rtol=0, atol=0)
+    torch.testing.assert_close(last, hs[-1], rtol=0, atol=0)
     assert not torch.allclose(hs[-1], captured["layer_n"])
     for bad in (n + 1, -(n + 2)):
-        with pytest.raises(ValueError, match="layer must be in"):
-            model.hidden_states(pixel_values, input_ids, attention_mask, layer=bad)
+        with pytest.raises(ValueError, match="layers must be in"):
+            model.hidden_states(pixel_values, input_ids, attention_mask, layers=(-1, bad))
 
 
 @pytest.mark.parametrize("context_fn", [None, lambda: (contextlib.nullcontext(), contextlib.nullcontext())])

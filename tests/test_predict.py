@@ -73,7 +73,7 @@ def test_cached_decoding_matches_full_recompute(model, tokenizer, images):
         seq = torch.tensor([prompt])
         with torch.no_grad():
             for _ in range(7):  # the final-norm output at the last position, through lm_head
-                last = model.hidden_states(pixel_values[i : i + 1], seq, None, layer=-1)[0, -1]
+                last = model.hidden_states(pixel_values[i : i + 1], seq, None, layers=(-1,))[0][0, -1]
                 next_id = model.language_model.lm_head(last).argmax()
                 seq = torch.cat([seq, next_id.view(1, 1)], dim=1)
         assert seq[0, -7:].tolist() == ids[i].tolist(), i

@@ -22,6 +22,7 @@ import torch
 import prismatic.models  # noqa: F401  (torchvision guard before timm)
 from craft.anchor_cache import AnchorCache
 from craft.config import RETENTION_LOSS_TYPES
+from craft.retention import cache_signal
 from prismatic.conf.eval import RetentionEvalConfig
 from prismatic.models import ImageProcessor, load_pretrained
 from prismatic.models.checkpoint import read_config
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> RetentionEvalConfig:
     p.add_argument("--batch_size", type=int, default=d.batch_size)
     p.add_argument("--train_anchor_subset", type=int, default=d.train_anchor_subset)
     p.add_argument("--shuffle_buffer_size", type=int, default=d.shuffle_buffer_size)
-    p.add_argument("--retention_loss_type", default=d.retention_loss_type, choices=RETENTION_LOSS_TYPES)
+    p.add_argument("--retention_loss_type", default=d.retention_loss_type, choices=RETENTION_LOSS_TYPES,
+                   help="for a hidden-state cache: mse (default), nmse or cosine; an action cache measures kl")
     p.add_argument("--epsilon", type=float, default=d.epsilon)
     p.add_argument("--device", default=d.device, choices=("auto", "cpu", "cuda"))
     p.add_argument("--seed", type=int, default=d.seed)
@@ -112,6 +114,7 @@ def source_drift_warning(path: Path, cache: AnchorCache, metrics: dict, loss_typ
     """A warning when the checkpoint that built the cache does not reproduce its targets; else ''."""
     if Path(path).resolve() != Path(cache.meta["model"]["checkpoint"]).resolve():
         return ""
+    loss_type = cache_signal(cache.meta, loss_type).loss_type  # kl and nmse are scale-free, like cosine
     scale = float(np.mean(np.square(cache.arrays["target_features"], dtype=np.float64))) if loss_type == "mse" else 1.0
     drifts = {k: v for k, v in metrics.items() if k.endswith("_L_ret")}
     worst = max(drifts.values(), default=0.0)
@@ -166,7 +169,8 @@ def evaluate_checkpoints(cfg: RetentionEvalConfig, checkpoints: List[Path]) -> d
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return {"anchor_cache": str(cfg.anchor_cache_dir), "epsilon": cfg.epsilon,
-            "retention_loss_type": cfg.retention_loss_type, "checkpoints": entries, "warnings": warnings}
+            "retention_loss_type": cache_signal(cache.meta, cfg.retention_loss_type).loss_type, "checkpoints": entries,
+            "warnings": warnings}
 
 
 def main(argv=None) -> dict:

@@ -54,7 +54,7 @@ class RetentionEvalConfig:
     batch_size: int = 8
     train_anchor_subset: int = EvalConfig.train_anchor_subset
     shuffle_buffer_size: int = EvalConfig.shuffle_buffer_size
-    retention_loss_type: str = CraftConfig.retention_loss_type
+    retention_loss_type: Optional[str] = CraftConfig.retention_loss_type  # null: the cache's mode default
     epsilon: float = CraftConfig.epsilon  # the budget the fraction of anchors over it is counted against
     device: str = "auto"
     seed: int = 7

@@ -1,6 +1,6 @@
 """`--vla.*`: what is trained, on which data, with which optimisation hyper-parameters.
 
-One dataclass per concern (model, LoRA/quantisation, data, optimisation), each with its own defaults and
+One dataclass per concern (model, LoRA/quantisation, data, optimisation, retention baselines), each with its own defaults and
 checks; `VLAConfig` joins them under the one `--vla.` prefix users already type.
 """
 
@@ -117,7 +117,28 @@ class OptimConfig:
 
 
 @dataclass
-class VLAConfig(ModelConfig, LoraConfig, DataConfig, OptimConfig, draccus.ChoiceRegistry):
+class RetentionBaselinesConfig:
+    """What users pick instead of (or beside) CRaFT to keep pretrained behaviour, in the same trainer."""
+
+    # L2-SP: every trainable weight is pulled toward its pretrained value (read from --pretrained_checkpoint): the
+    # gradient gains l2_sp_weight * (w - w0), i.e. the loss gains l2_sp_weight / 2 * ||w - w0||^2.
+    l2_sp_weight: float = 0.0
+    # Anchor replay: this many anchor frames (from --craft.anchor_cache_dir, with their recorded actions) join every
+    # action micro-batch; L_act is then the loss over the joint frames. 0 = off.
+    replay_batch_size: int = 0
+
+    def validate_baselines(self, use_lora: bool) -> None:
+        if self.l2_sp_weight < 0:
+            raise ValueError(f"--vla.l2_sp_weight must be >= 0; found {self.l2_sp_weight}")
+        if self.l2_sp_weight > 0 and use_lora:
+            raise ValueError("--vla.l2_sp_weight pulls weights toward their pretrained values, which LoRA's adapters "
+                             "do not have: use it with --vla.use_lora false; found --vla.use_lora true")
+        if self.replay_batch_size < 0:
+            raise ValueError(f"--vla.replay_batch_size must be >= 0; found {self.replay_batch_size}")
+
+
+@dataclass
+class VLAConfig(ModelConfig, LoraConfig, DataConfig, OptimConfig, RetentionBaselinesConfig, draccus.ChoiceRegistry):
     @classmethod
     def default_choice_name(cls) -> str:
         """The user's templates never pass --vla.type."""
@@ -127,6 +148,7 @@ class VLAConfig(ModelConfig, LoraConfig, DataConfig, OptimConfig, draccus.Choice
         self.validate_model()
         self.validate_optim(world_size)
         self.validate_lora(world_size)
+        self.validate_baselines(self.use_lora)
 
 
 @VLAConfig.register_subclass("openvla-7b+libero")

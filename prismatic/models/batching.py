@@ -26,9 +26,14 @@ def prompt_ids(tokenizer, instruction: str) -> List[int]:
 
 def training_example(tokenizer, action_tokenizer: ActionTokenizer, instruction: str, action: np.ndarray):
     """ids = prompt + "▁" + 7 action tokens + EOS; only the action tokens and EOS carry loss."""
-    action_ids = action_tokenizer.encode(action).tolist()
-    ids = prompt_ids(tokenizer, instruction) + [SPACE_TOKEN_ID] + action_ids + [tokenizer.eos_token_id]
-    labels = [IGNORE_INDEX] * (len(ids) - len(action_ids) - 1) + ids[-len(action_ids) - 1 :]
+    return action_sequence(prompt_ids(tokenizer, instruction), action_tokenizer.encode(action).tolist(),
+                           tokenizer.eos_token_id)
+
+
+def action_sequence(prompt: List[int], action_ids: List[int], eos_token_id: int):
+    """(ids, labels) of an already tokenised prompt followed by "▁", the action tokens and EOS."""
+    ids = prompt + [SPACE_TOKEN_ID] + action_ids + [eos_token_id]
+    labels = [IGNORE_INDEX] * (len(prompt) + 1) + action_ids + [eos_token_id]
     return ids, labels
 
 

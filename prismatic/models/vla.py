@@ -170,10 +170,14 @@ class OpenVLA(nn.Module):
         return predict_action(self, images, instructions, tokenizer, unnorm_key, processor)
 
     def hidden_states(
-        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, layer: int
-    ) -> torch.Tensor:
-        """Entry `layer` (Python indexing) of forward's `hidden_states` tuple, [B, T+256, D], without lm_head."""
+        self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+        layers: tuple[int, ...],
+    ) -> list[torch.Tensor]:
+        """Entries `layers` (Python indexing) of forward's `hidden_states` tuple, each [B, T+256, D], from one
+        forward without lm_head."""
         n = self.language_model.config.num_hidden_layers
-        if not -(n + 1) <= layer <= n:
-            raise ValueError(f"layer must be in [{-(n + 1)}, {n}] for a {n}-layer LLM, got {layer}")
-        return self._run_llm(pixel_values, input_ids, attention_mask, output_hidden_states=True).hidden_states[layer]
+        bad = [layer for layer in layers if not -(n + 1) <= layer <= n]
+        if bad or not layers:
+            raise ValueError(f"layers must be in [{-(n + 1)}, {n}] for a {n}-layer LLM, got {list(layers)}")
+        hidden = self._run_llm(pixel_values, input_ids, attention_mask, output_hidden_states=True).hidden_states
+        return [hidden[layer] for layer in layers]

@@ -11,10 +11,11 @@ import torch
 from tqdm import tqdm
 
 from craft.anchor_cache import HELDOUT_DIR, AnchorCacheWriter
-from craft.config import POOLINGS, CraftConfigError
-from craft.retention import anchor_features
+from craft.config import POOLINGS, RETENTION_MODES, CraftConfigError
+from craft.retention import retention_signal
 from prismatic.models import VLAModelConfig, load_pretrained
-from prismatic.training.batches import anchor_inputs
+from prismatic.models.action_tokenizer import ActionTokenizer
+from prismatic.training.batches import AnchorInputs
 from prismatic.training.preflight import resolve_device
 from prismatic.models.batching import PaddedCollator, prompt_ids
 from prismatic.vla.datasets import RLDSStream, check_data_root, resolve_mixture
@@ -34,7 +35,11 @@ class AnchorCacheConfig:
     # Anchors from episodes disjoint from the training anchors' ones, stored in <output_dir>/heldout/ for
     # evaluation only. Default (null): a tenth of --num_anchors, at least 1; 0 = none.
     num_heldout_anchors: Optional[int] = None
+    # The targets cached: "hidden" = pooled hidden states of --hidden_layer (or of each of --hidden_layers, e.g.
+    # [-1,-2]) under --pooling; "action" = the action-bin distributions at each anchor's recorded action tokens.
+    retention_mode: str = "hidden"
     hidden_layer: int = -2
+    hidden_layers: Tuple[int, ...] = ()
     pooling: str = "mean_image_tokens"
     dtype: str = "bfloat16"  # the training compute dtype (bf16 with --vla.enable_mixed_precision_training)
     batch_size: int = 16
@@ -49,10 +54,14 @@ class AnchorCacheConfig:
         if self.pretrained_checkpoint is None or not config_file.is_file():
             raise ValueError(f"--pretrained_checkpoint must be a checkpoint folder with config.json; "
                              f"found {self.pretrained_checkpoint}")
+        if self.retention_mode not in RETENTION_MODES:
+            raise CraftConfigError(f"--retention_mode must be one of {list(RETENTION_MODES)}; found "
+                                   f"{self.retention_mode!r}")
         n_states = VLAModelConfig.from_dict(json.loads(config_file.read_text())).num_hidden_layers + 1
-        if not -n_states <= self.hidden_layer < n_states:
-            raise ValueError(f"--hidden_layer must be in [{-n_states}, {n_states - 1}] for this model; "
-                             f"found {self.hidden_layer}")
+        for layer in self.layers:
+            if not -n_states <= layer < n_states:
+                raise ValueError(f"--{'hidden_layers' if self.hidden_layers else 'hidden_layer'} must be in "
+                                 f"[{-n_states}, {n_states - 1}] for this model; found {layer}")
         if self.output_dir is None:
             raise ValueError("--output_dir is required; found: not set")
         if Path(self.output_dir).exists() and any(Path(self.output_dir).iterdir()) and not self.overwrite:
@@ -69,6 +78,13 @@ class AnchorCacheConfig:
                              f"{self.num_heldout_anchors}")
         resolve_mixture(self.data_mix)
         check_data_root(self.data_root_dir, self.data_mix)
+
+    @property
+    def layers(self) -> Tuple[int, ...]:
+        return tuple(self.hidden_layers) or (self.hidden_layer,)
+
+    def signal(self):
+        return retention_signal(self.retention_mode, layers=self.layers, pooling=self.pooling)
 
     @property
     def heldout_anchors(self) -> int:
@@ -120,11 +136,13 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
                         seed=cfg.seed)
     frames, heldout = split_by_episode(iter(stream), cfg.num_anchors, cfg.heldout_anchors, cfg.data_mix)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if cfg.dtype == "bfloat16" else nullcontext()
+    signal = cfg.signal()
     meta = {
-        "hidden_layer": cfg.hidden_layer,
-        "pooling": cfg.pooling,
+        "retention_mode": cfg.retention_mode,
+        **({"hidden_layer": cfg.layers[0], "hidden_layers": list(cfg.layers), "pooling": cfg.pooling}
+           if cfg.retention_mode == "hidden" else {"n_action_bins": model_config.n_action_bins}),
+        "hidden_dim": model_config.hidden_size,
         "dtype": cfg.dtype,
-        "retention_mode": "hidden",
         "num_episodes": len({f["episode_id"] for f in frames}),
         "model": {"checkpoint": str(Path(cfg.pretrained_checkpoint).resolve()),
                   "vision_backbone_id": model_config.vision_backbone_id,
@@ -134,24 +152,28 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
         "data": {"data_root_dir": str(Path(cfg.data_root_dir).resolve()), "data_mix": cfg.data_mix,
                  "datasets": [name for name, _ in resolve_mixture(cfg.data_mix)], "seed": cfg.seed},
     }
+    inputs = AnchorInputs(processor, ActionTokenizer(n_bins=model_config.n_action_bins), tokenizer.eos_token_id,
+                          tokenizer.pad_token_id)
 
     def fill(out_dir: Path, anchors: List[dict], overwrite: bool, desc: str) -> AnchorCacheWriter:
         prompts = [prompt_ids(tokenizer, f["instruction"]) for f in anchors]
         collated = PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length)(prompts)
-        writer = AnchorCacheWriter(out_dir, len(anchors), anchors[0]["image"].shape, collated["input_ids"].shape[1],
-                                   model_config.hidden_size, overwrite=overwrite)
+        writer = None
         for start in tqdm(range(0, len(anchors), cfg.batch_size), desc=desc, unit="batch"):
             sl = slice(start, start + cfg.batch_size)
             rows = {
                 "images": np.stack([f["image"] for f in anchors[sl]]),
                 "input_ids": collated["input_ids"][sl].numpy().astype(np.int32),
                 "attention_mask": collated["attention_mask"][sl].numpy(),
+                "actions": np.stack([f["action"] for f in anchors[sl]]).astype(np.float32),
             }
-            batch = {k: v.to(device) for k, v in anchor_inputs(rows, processor).items()}
+            batch = {k: v.to(device) for k, v in inputs.for_signal(rows, signal).items()}
             with autocast:
-                features = anchor_features(model, batch, cfg.hidden_layer, cfg.pooling)
-            writer.append({**rows, "target_features": features.cpu().numpy()}, [f["instruction"] for f in anchors[sl]],
-                          [f["episode_id"] for f in anchors[sl]])
+                rows[signal.target] = signal.targets(model, batch).float().cpu().numpy()
+            if writer is None:  # the targets' shape is known once the model has produced some
+                writer = AnchorCacheWriter(out_dir, {name: (len(anchors), *r.shape[1:]) for name, r in rows.items()},
+                                           overwrite=overwrite)
+            writer.append(rows, [f["instruction"] for f in anchors[sl]], [f["episode_id"] for f in anchors[sl]])
         return writer
 
     writer = fill(Path(cfg.output_dir), frames, cfg.overwrite, "anchor features")
@@ -165,6 +187,6 @@ def build_anchor_cache(cfg: AnchorCacheConfig) -> Path:
         meta["heldout"] = {"dir": HELDOUT_DIR, "num_anchors": len(heldout), "num_episodes": held_meta["num_episodes"],
                            "episodes": "disjoint from the training anchors' episodes"}
     out = writer.close(meta)
-    print(json.dumps({"anchor_cache": str(out), "num_anchors": cfg.num_anchors, "num_heldout_anchors": len(heldout),
-                      "hidden_dim": model_config.hidden_size}), flush=True)
+    print(json.dumps({"anchor_cache": str(out), "retention_mode": cfg.retention_mode, "num_anchors": cfg.num_anchors,
+                      "num_heldout_anchors": len(heldout), "target": signal.target}), flush=True)
     return out

@@ -20,11 +20,11 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from craft.anchor_cache import AnchorCache
-from craft.retention import anchor_features, retention_loss_per_anchor
+from craft.retention import cache_signal
 from prismatic.conf.eval import EvalConfig
 from prismatic.models.batching import PaddedCollator
 from prismatic.models.quantize import keep_quantized_in_train_mode
-from prismatic.training.batches import ActionBatches, anchor_inputs, to_device
+from prismatic.training.batches import ActionBatches, AnchorInputs, to_device
 from prismatic.training.metrics import action_metrics
 
 DRIFT_SUMS = ("L_ret", "over_eps", "cos", "count")
@@ -33,8 +33,8 @@ ACTION_SUMS = ("ce", "supervised", "accuracy", "l1", "action_tokens")
 
 @dataclass
 class AnchorSet:
-    """Anchors of `cache` (rows `indices`) whose drift is reported as eval/<name>_*; features are computed with the
-    cache's own hidden_layer and pooling, whatever the run's CRaFT settings (plain fine-tuning included)."""
+    """Anchors of `cache` (rows `indices`) whose drift is reported as eval/<name>_*, measured by the cache's own
+    retention signal (mode, layers, pooling), whatever the run's CRaFT settings (plain fine-tuning included)."""
 
     name: str
     cache: AnchorCache
@@ -69,6 +69,7 @@ class Evaluator:
         self.collator, self.batch_size, self.device, self.autocast = collator, batch_size, device, autocast
         self.rank, self.world_size = rank, world_size
         self.notes = list(notes)
+        self.anchor_inputs = AnchorInputs(processor, action_tokenizer, tokenizer.eos_token_id, collator.pad_token_id)
         self._batches: Dict[str, list] = {}  # each frame set's batches, processed once for every evaluation
 
     @torch.no_grad()
@@ -101,22 +102,25 @@ class Evaluator:
     def _drift_sums(self, anchors: AnchorSet, epsilon: Optional[float]) -> List[float]:
         mine = anchors.indices[self.rank :: self.world_size]
         per_rank = math.ceil(len(anchors.indices) / self.world_size)
+        signal = cache_signal(anchors.cache.meta, self.loss_type)
         sums = [0.0] * len(DRIFT_SUMS)
         for start in range(0, per_rank, self.batch_size):
             indices = mine[start : start + self.batch_size]
             counted = len(indices) > 0
             rows = anchors.cache.batch(indices if counted else anchors.indices[:1])
-            batch = to_device(anchor_inputs(rows, self.processor), self.device)
+            batch = to_device(self.anchor_inputs.for_signal(rows, signal), self.device)
             with self.autocast():
-                features = anchor_features(self.model, batch, anchors.cache.meta["hidden_layer"],
-                                           anchors.cache.meta["pooling"])
+                if signal.mode == "hidden":  # the features also give their cosine to the targets
+                    features = signal.targets(self.model, batch)
+                    drift = signal.loss_per_anchor(features, batch[signal.target])
+                    cos = F.cosine_similarity(features.float(), batch[signal.target].float(), dim=-1).sum().item()
+                else:
+                    drift, cos = signal.per_anchor(self.model, batch), None
             if not counted:
                 continue
-            targets = torch.from_numpy(rows["target_features"]).to(features.device)
-            drift = retention_loss_per_anchor(features, targets, self.loss_type).double()
-            cos = F.cosine_similarity(features.float(), targets.float(), dim=-1).double()
+            drift = drift.double()
             over = (drift > epsilon).sum().item() if epsilon is not None else 0.0
-            for i, value in enumerate((drift.sum().item(), over, cos.sum().item(), len(indices))):
+            for i, value in enumerate((drift.sum().item(), over, float("nan") if cos is None else cos, len(indices))):
                 sums[i] += value
         return sums
 
@@ -156,7 +160,8 @@ def _drift_metrics(name: str, sums: List[float], epsilon: Optional[float]) -> Di
     out = {f"eval/{name}_L_ret": total / count}
     if epsilon is not None:
         out[f"eval/{name}_frac_over_eps"] = over / count
-    out[f"eval/{name}_cos"] = cos / count
+    if math.isfinite(cos):  # measured by hidden-state signals only
+        out[f"eval/{name}_cos"] = cos / count
     return out
 
 

@@ -2,9 +2,9 @@
 step benchmark and the distributed tests run.
 
 It owns the choices that must agree wherever a step is taken: bf16 autocast, the anchor pass keeping its
-activations unless --craft.anchor_checkpointing, the retention features (`craft.retention.anchor_features`,
-exactly as the anchor cache was built), one-pass CRaFT's joint [action; anchor] batch and its row-group
-split, and how the gradients are reduced across processes. Imports neither TensorFlow nor draccus: the step
+activations unless --craft.anchor_checkpointing, the retention signal (`craft.retention`, the same object that
+built the anchor cache's targets), a penalty added to the action gradient (L2-SP), one-pass CRaFT's joint
+[action; anchor] batch and its row-group split, and how the gradients are reduced across processes. Imports neither TensorFlow nor draccus: the step
 benchmark runs where neither is installed.
 """
 
@@ -18,8 +18,8 @@ from torch.distributed.fsdp import FSDPModule
 from craft.config import CraftConfig
 from craft.dual import RetentionConstraint
 from craft.one_pass import RowGroupSplit
-from craft.retention import anchor_features, pool_hidden, retention_loss
-from craft.step import Collective, StepResult, baseline_step, craft_step, craft_step_one_pass
+from craft.retention import retention_signal
+from craft.step import Collective, Regularizer, StepResult, baseline_step, craft_step, craft_step_one_pass
 from prismatic.training.batches import joint_batch
 from prismatic.training.distributed import DistEnv, FSDPCollective
 from prismatic.training.metrics import action_metrics
@@ -32,10 +32,13 @@ class Objective:
     """The losses of one model under one CRaFT configuration, and the step that combines them."""
 
     def __init__(self, model, craft: CraftConfig, *, device: torch.device, autocast_dtype: Optional[torch.dtype],
-                 max_grad_norm: float, collective: Collective, split: Optional[RowGroupSplit]):
+                 max_grad_norm: float, collective: Collective, split: Optional[RowGroupSplit],
+                 regularize: Regularizer = None):
         self.model, self.craft, self.device = model, craft, device
         self.autocast_dtype, self.max_grad_norm = autocast_dtype, max_grad_norm
-        self.collective, self.split = collective, split
+        self.collective, self.split, self.regularize = collective, split, regularize
+        self.signal = retention_signal(craft.retention_mode, layers=craft.layers, pooling=craft.pooling,
+                                       loss_type=craft.loss_type)
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.stash_dtype = getattr(torch, craft.grad_stash_dtype) if craft.grad_stash_dtype else None
         self.action_tokenizer = ActionTokenizer(n_bins=model.config.n_action_bins)
@@ -43,7 +46,7 @@ class Objective:
     @classmethod
     def build(cls, model, craft: CraftConfig, *, env: DistEnv, device: torch.device, sharding_strategy: str,
               autocast_dtype: Optional[torch.dtype], gradient_checkpointing: bool,
-              max_grad_norm: float) -> "Objective":
+              max_grad_norm: float, regularize: Regularizer = None) -> "Objective":
         """For a model already in train mode and, when sharded, wrapped by FSDP: adds one-pass CRaFT's row
         split (around checkpointed recomputation too) and the collective that makes results global."""
         split = None
@@ -54,7 +57,7 @@ class Objective:
         collective = FSDPCollective(model, env, device, sharding_strategy, split, craft.keep_weights_gathered) \
             if isinstance(model, FSDPModule) else Collective()
         return cls(model, craft, device=device, autocast_dtype=autocast_dtype, max_grad_norm=max_grad_norm,
-                   collective=collective, split=split)
+                   collective=collective, split=split, regularize=regularize)
 
     def autocast(self):
         return torch.autocast(self.device.type, dtype=self.autocast_dtype) if self.autocast_dtype else nullcontext()
@@ -83,10 +86,11 @@ class Objective:
         baseline's. `next_step`: the training step of the constraint's next update (see craft.step.craft_step).
         Returns the step's result and the mean action metrics of its micro-batches."""
         losses: List[Union[ActionLoss, JointLoss]]
-        surgery = dict(project=self.craft.conflict_projection, next_step=next_step)
+        surgery = dict(project=self.craft.conflict_projection, next_step=next_step, regularize=self.regularize)
         if constraint is None:
             losses = [self.action(b) for b in actions]
-            result = baseline_step(self.params, optimizer, losses, self.max_grad_norm, self.collective)
+            result = baseline_step(self.params, optimizer, losses, self.max_grad_norm, self.collective,
+                                   self.regularize)
         elif self.split is not None:
             losses = [self.joint(a, r) for a, r in zip(actions, anchors)]
             result = craft_step_one_pass(self.params, optimizer, constraint, [j.as_joint() for j in losses],
@@ -117,16 +121,15 @@ class ActionLoss:
 
 
 class RetentionLoss:
-    """L_ret of one anchor micro-batch: the drift of its features from the cached targets."""
+    """L_ret of one anchor micro-batch: the drift of what the retention signal reads from the cached targets."""
 
     def __init__(self, objective: Objective, batch: dict):
         self.objective, self.batch = objective, batch
 
     def __call__(self) -> torch.Tensor:
-        o, craft = self.objective, self.objective.craft
+        o = self.objective
         with o.autocast(), o.anchor_pass():
-            features = anchor_features(o.model, self.batch, craft.hidden_layer, craft.pooling)
-        return retention_loss(features, self.batch["target_features"], craft.retention_loss_type)
+            return o.signal(o.model, self.batch)
 
 
 class JointLoss:
@@ -139,14 +142,13 @@ class JointLoss:
         self.metrics: Optional[Dict[str, float]] = None
 
     def __call__(self) -> Tuple[torch.Tensor, torch.Tensor]:
-        o, b, n, craft = self.objective, self.batch, self.n_action_rows, self.objective.craft
+        o, b = self.objective, self.batch
         with o.autocast():
             out = o.model(b["pixel_values"], b["input_ids"], b["attention_mask"], labels=b["labels"],
                           output_hidden_states=True)
         self.metrics = o._action_metrics(out)
-        features = pool_hidden(out.hidden_states[craft.hidden_layer][n:], craft.pooling, o.model.image_token_slice,
-                               b["attention_mask"][n:])
-        return out.loss, retention_loss(features, b["target_features"], craft.retention_loss_type)
+        return out.loss, o.signal.from_hidden_states(out.hidden_states, o.model.image_token_slice, b,
+                                                     slice(self.n_action_rows, None))
 
     def as_joint(self):
         """The (forward, action rows, rows) triple craft.step.craft_step_one_pass takes."""

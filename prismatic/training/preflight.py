@@ -14,6 +14,7 @@ from typing import List, Optional
 import torch
 
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
+from craft.retention import cache_layers
 from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models.checkpoint import check_weight_files
 from prismatic.models.config import VLAModelConfig
@@ -85,11 +86,15 @@ def _preflight(cfg: TrainConfig) -> Plan:
     n_states = model_config.num_hidden_layers + 1
 
     cache = None
-    if cfg.craft.enabled and not -n_states <= cfg.craft.hidden_layer < n_states:
+    outside = [layer for layer in cfg.craft.layers if not -n_states <= layer < n_states]
+    if cfg.craft.enabled and cfg.craft.retention_mode == "hidden" and outside:
         raise ValueError(
-            f"--craft.hidden_layer must index the model's {n_states} hidden states "
-            f"(from {-n_states} to {n_states - 1}); found {cfg.craft.hidden_layer}"
+            f"--craft.{'hidden_layers' if cfg.craft.hidden_layers else 'hidden_layer'} must index the model's "
+            f"{n_states} hidden states (from {-n_states} to {n_states - 1}); found {outside[0]}"
         )
+    if cfg.vla.replay_batch_size and cfg.craft.anchor_cache_dir is None:
+        raise ValueError(f"--vla.replay_batch_size {cfg.vla.replay_batch_size} replays anchor frames from "
+                         "--craft.anchor_cache_dir, which is not set")
     if cfg.craft.anchor_cache_dir is not None:  # with --craft.enabled false, the cache serves the drift evaluation
         cache = _open_cache(cfg, model_config)
         produced_by = cache.meta.get("model", {}).get("checkpoint")
@@ -123,12 +128,15 @@ def _open_cache(cfg: TrainConfig, model_config: VLAModelConfig) -> AnchorCache:
     evaluation needs (the cache's own layer and pooling, this model's width and compute dtype)."""
     meta = read_meta(cfg.craft.anchor_cache_dir)
     craft = cfg.craft if cfg.craft.enabled else None
+    mode = craft.retention_mode if craft else meta.get("retention_mode", "hidden")
     check_cache_matches(
-        meta, hidden_layer=craft.hidden_layer if craft else meta["hidden_layer"],
-        pooling=craft.pooling if craft else meta["pooling"], dtype=cfg.vla.compute_dtype,
-        hidden_dim=model_config.hidden_size, anchor_batch_size=craft.anchor_batch_size if craft else 1,
+        meta, retention_mode=mode, layers=craft.layers if craft else cache_layers(meta) if mode == "hidden" else (),
+        pooling=craft.pooling if craft else meta.get("pooling"), dtype=cfg.vla.compute_dtype,
+        hidden_dim=model_config.hidden_size,
+        anchor_batch_size=max(craft.anchor_batch_size if craft else 1, cfg.vla.replay_batch_size),
         cache_dir=cfg.craft.anchor_cache_dir, dtype_flag="--vla.enable_mixed_precision_training",
         model_flag="--pretrained_checkpoint",
+        needs_actions="--vla.replay_batch_size" if cfg.vla.replay_batch_size else None,
     )
     return AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
 

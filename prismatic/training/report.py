@@ -34,9 +34,9 @@ def dry_run_report(cfg, plan, records: List[dict], total_params: int, trainable_
     if cfg.craft.enabled:
         meta = plan.cache_meta
         lines += [
-            f"anchors  : {meta['num_anchors']} in {cfg.craft.anchor_cache_dir} — hidden_layer {meta['hidden_layer']}, "
-            f"pooling {meta['pooling']}, dtype {meta['dtype']}, hidden_dim {meta['hidden_dim']}: match the run",
-            f"craft    : retention_mode {cfg.craft.retention_mode}, loss {cfg.craft.retention_loss_type}, "
+            f"anchors  : {meta['num_anchors']} in {cfg.craft.anchor_cache_dir} — {_signal(meta)}, "
+            f"dtype {meta['dtype']}, hidden_dim {meta['hidden_dim']}: match the run",
+            f"craft    : retention_mode {cfg.craft.retention_mode}, loss {cfg.craft.loss_type}, "
             f"epsilon {cfg.craft.epsilon} ({cfg.craft.epsilon_schedule}), lambda_init {cfg.craft.lambda_init}, "
             f"lambda_lr {cfg.craft.lambda_lr}, {cfg.craft.anchor_batch_size} anchors per micro-batch",
             f"L_ret    : {_fmt_range([r['L_ret'] for r in records])} (epsilon {records[-1]['epsilon']})",
@@ -63,3 +63,11 @@ def dry_run_report(cfg, plan, records: List[dict], total_params: int, trainable_
     lines.append("verdict  : " + ("OK — launch the full run with the same flags and without --dry_run_batches"
                                   if not skipped else "some steps were non-finite — check the learning rate and data"))
     return "\n".join(lines)
+
+
+def _signal(meta: dict) -> str:
+    """What the cache's targets are, in the builder's flags."""
+    if meta.get("retention_mode", "hidden") == "action":
+        return f"retention_mode action ({meta.get('n_action_bins', 256)} action bins)"
+    layers = meta.get("hidden_layers") or [meta["hidden_layer"]]
+    return f"hidden_layer{'s' if len(layers) > 1 else ''} {','.join(map(str, layers))}, pooling {meta['pooling']}"

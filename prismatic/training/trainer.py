@@ -9,6 +9,7 @@ import json
 import random
 import time
 from dataclasses import dataclass
+from functools import partial
 from typing import List, Optional
 
 import draccus
@@ -22,12 +23,13 @@ from craft.step import StepResult
 from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
 from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
-from prismatic.training.batches import ActionBatches, AnchorBatches, to_device
+from prismatic.training.batches import ActionBatches, AnchorBatches, AnchorInputs, stack_rows, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
 from prismatic.training.evaluation import Evaluator, build_evaluator
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
 from prismatic.training.distributed import init_process_group, shard_model
+from prismatic.training.l2_sp import L2SP
 from prismatic.training.metrics import EVAL_CONSOLE_KEYS, ConsoleSink, JsonlSink, Metrics, WandbSink
 from prismatic.training.objective import Objective
 from prismatic.training.optim import build_optimizer, build_scheduler, parameter_counts
@@ -73,6 +75,7 @@ class Job:
     constraint: Optional[RetentionConstraint]  # None: the baseline (--craft.enabled false)
     actions: ActionBatches
     anchors: Optional[AnchorBatches]
+    replay: Optional[AnchorBatches]  # anchor frames joined to every action micro-batch (--vla.replay_batch_size)
     evaluator: Optional[Evaluator]  # None: no evaluation in this run (a dry run, unless asked)
     epsilon_schedule: EpsilonSchedule  # the budget evaluations count drift against, CRaFT or not
     dataset_statistics: dict
@@ -134,10 +137,12 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
     model, tokenizer, model_config = _build_model(cfg, plan)
     # FSDP2 computes in bf16 itself; one process uses autocast for the same effect.
     mixed = cfg.vla.enable_mixed_precision_training and not env.distributed
+    l2_sp = L2SP.from_checkpoint(model, cfg.pretrained_checkpoint, cfg.vla.l2_sp_weight) \
+        if cfg.vla.l2_sp_weight > 0 else None
     objective = Objective.build(model, cfg.craft, env=env, device=device, sharding_strategy=cfg.sharding_strategy,
                                 autocast_dtype=torch.bfloat16 if mixed else None,
                                 gradient_checkpointing=cfg.vla.enable_gradient_checkpointing,
-                                max_grad_norm=cfg.vla.max_grad_norm)
+                                max_grad_norm=cfg.vla.max_grad_norm, regularize=l2_sp)
     optimizer = build_optimizer(model, cfg.vla.learning_rate, cfg.vla.weight_decay)
     scheduler = build_scheduler(optimizer, cfg.vla.lr_scheduler_type, cfg.vla.max_steps, cfg.vla.warmup_ratio)
     constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
@@ -154,10 +159,14 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
     actions = ActionBatches(stream, tokenizer, processor, cfg.vla.per_device_batch_size,
                             PaddedCollator(tokenizer.pad_token_id, model_config.llm_max_length),
                             objective.action_tokenizer)
-    anchors = AnchorBatches(plan.cache, processor, cfg.craft.anchor_batch_size, cfg.craft.anchor_seed, env.rank,
-                            env.world_size) if constraint is not None else None
+    inputs = AnchorInputs(processor, objective.action_tokenizer, tokenizer.eos_token_id, model_config.pad_token_id)
+    anchors = AnchorBatches(plan.cache, partial(inputs.for_signal, signal=objective.signal), cfg.craft.anchor_batch_size,
+                            cfg.craft.anchor_seed, env.rank, env.world_size) if constraint is not None else None
+    # Replay draws its own stream of anchors, so that with CRaFT on the two do not see the same rows each step.
+    replay = AnchorBatches(plan.cache, inputs.replay, cfg.vla.replay_batch_size, cfg.craft.anchor_seed + 1, env.rank,
+                           env.world_size) if cfg.vla.replay_batch_size else None
     evaluator = build_evaluator(
-        cfg.eval, model, cache=plan.cache, loss_type=cfg.craft.retention_loss_type, processor=processor,
+        cfg.eval, model, cache=plan.cache, loss_type=cfg.craft.loss_type, processor=processor,
         tokenizer=tokenizer, action_tokenizer=objective.action_tokenizer, max_length=model_config.llm_max_length,
         data_root_dir=cfg.data_root_dir, data_mix=cfg.vla.data_mix, batch_size=cfg.vla.per_device_batch_size,
         device=device, autocast=objective.autocast, rank=env.rank, world_size=env.world_size, seed=cfg.seed,
@@ -167,16 +176,19 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
             print(f"note: {note}", flush=True)
     epsilon_schedule = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps).schedule
     return Job(cfg, plan, model, tokenizer, processor, objective, optimizer, scheduler, constraint, actions, anchors,
-               evaluator, epsilon_schedule, stream.statistics,
+               replay, evaluator, epsilon_schedule, stream.statistics,
                frames_per_step=cfg.vla.per_device_batch_size * plan.grad_accumulation_steps, start=start)
 
 
 def _step_inputs(job: Job, end: int):
-    """CPU inputs of each step: action micro-batches, and this rank's anchor draws (k of `accum`)."""
-    accum = job.plan.grad_accumulation_steps
+    """CPU inputs of each step: action micro-batches (with replayed anchor frames joined), and this rank's anchor
+    draws (k of `accum`)."""
+    accum, pad = job.plan.grad_accumulation_steps, job.plan.model_config.pad_token_id
     for step in range(job.start, end):
-        yield ([next(job.actions) for _ in range(accum)],
-               [job.anchors.draw(step * accum + k) for k in range(accum)] if job.retention_step(step) else [])
+        actions = [next(job.actions) for _ in range(accum)]
+        if job.replay is not None:
+            actions = [stack_rows(a, job.replay.draw(step * accum + k), pad) for k, a in enumerate(actions)]
+        yield actions, [job.anchors.draw(step * accum + k) for k in range(accum)] if job.retention_step(step) else []
 
 
 def _train_step(job: Job, step: int, inputs) -> dict:
