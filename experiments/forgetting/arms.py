@@ -151,7 +151,7 @@ def pick(frontier: Mapping[float, dict], plain_default: dict) -> float:
     """`frontier`: {knob value: {"new_l1": [per seed], "old_increase": [per seed]}} of one method on new_tasks;
     `plain_default`: the same for plain at the setting's learning rate (see the rule above)."""
     _, bar = interval(plain_default["new_l1"])
-    mean = {v: {k: sum(x) / len(x) for k, x in numbers.items()} for v, numbers in frontier.items()}
+    mean = {v: {k: sum(n[k]) / len(n[k]) for k in ("new_l1", "old_increase")} for v, n in frontier.items()}
     learns = [v for v in mean if mean[v]["new_l1"] <= bar]
     if learns:
         return min(learns, key=lambda v: mean[v]["old_increase"])

@@ -143,19 +143,26 @@ def prepare_data(cfg: ForgettingConfig) -> None:
     write_datasets(data, cfg.num_tasks, cfg.episodes_per_task, cfg.steps_per_episode, cfg.image_size, cfg.data_seed)
 
 
-def prepare_model(cfg: ForgettingConfig, seed: int) -> Model:
-    """Pretraining on A from a random model (both seeded by `seed`) and the anchor caches; finished parts are kept.
-    The caches take their anchors with the data seed: the same frames for every pretrained model."""
+def pretrain(cfg: ForgettingConfig, seed: int) -> Path:
+    """Pretraining on A from a random model, both seeded by `seed`; returns the final checkpoint, once its weights
+    are checked against the recorded ones."""
     home = cfg.out / f"p{seed}"
     if not (home / "random_init" / "config.json").exists():
         write_random_checkpoint(home / "random_init", seed)
-    pretrain = Run(cfg.out / "runs", f"pretrain-p{seed}", cfg.pretrain_steps,
-                   (*_trainer_flags(cfg, home / "random_init", OLD, cfg.pretrain_lr, seed), "--craft.enabled", "false",
-                    "--eval.interval", "0"), keep_checkpoint=True)
-    train_run(pretrain)
-    checkpoint = final_checkpoint(pretrain.run_dir)
+    run = Run(cfg.out / "runs", f"pretrain-p{seed}", cfg.pretrain_steps,
+              (*_trainer_flags(cfg, home / "random_init", OLD, cfg.pretrain_lr, seed), "--craft.enabled", "false",
+               "--eval.interval", "0"), keep_checkpoint=True)
+    train_run(run)
+    checkpoint = final_checkpoint(run.run_dir)
     _check_fingerprint(cfg, f"p{seed}", "pretrained_sha256", weights_sha256(checkpoint))
-    caches = {name: home / f"cache_{name}" for name in SIGNALS}
+    return checkpoint
+
+
+def prepare_model(cfg: ForgettingConfig, seed: int) -> Model:
+    """The pretrained model and its anchor caches; finished parts are kept. The caches take their anchors with the
+    data seed: the same frames for every pretrained model."""
+    checkpoint = pretrain(cfg, seed)
+    caches = {name: cfg.out / f"p{seed}" / f"cache_{name}" for name in SIGNALS}
     for name, cache in caches.items():
         if (cache / "meta.json").exists():
             continue
@@ -319,11 +326,13 @@ def summarize(cfg: ForgettingConfig, results: Dict[str, Cells], report: dict, mo
     return report
 
 
+SELECTORS = ("out", "export", "workers", "settings", "methods", "knobs", "seeds", "pretrain_seeds")
+
+
 def _record_config(cfg: ForgettingConfig, folder: Path) -> None:
-    """The settings every finished run depends on; --out, --export, --workers, --settings, --methods and --knobs
-    only choose where and which runs happen (a rerun may add to the same folders)."""
-    fixed = json.dumps({k: v for k, v in asdict(cfg).items()
-                        if k not in ("out", "export", "workers", "settings", "methods", "knobs")}, indent=2, default=str)
+    """The settings every finished run depends on; SELECTORS only choose where and which runs happen (a rerun may
+    add runs to the same folders; the picks are recomputed from what new_tasks then holds)."""
+    fixed = json.dumps({k: v for k, v in asdict(cfg).items() if k not in SELECTORS}, indent=2, default=str)
     recorded = folder / "config.json"
     if recorded.exists() and recorded.read_text() != fixed:
         raise ValueError(f"{folder} holds runs of another configuration ({recorded}); choose another --out/--export")
