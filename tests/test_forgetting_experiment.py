@@ -51,8 +51,11 @@ def test_knob_values_follow_the_written_rules():
     cal = Calibration(lr=3e-4, drift={"guide": 300.0, "last": 0.2, "layers": 0.3, "action": 0.5},
                       grad_ratio={"guide": 0.003, "last": 2.0, "layers": 1.5, "action": 4.0}, grad_act=0.6,
                       weight_distance=12.0)
-    assert [METHODS["plain"].learning_rate(cal, v) for v in METHODS["plain"].values] == pytest.approx(
+    plain = METHODS["plain"]
+    assert [plain.learning_rate(cal, v) for v in (*plain.values, *plain.new_tasks_only)] == pytest.approx(
         [1e-4, 3e-4, 9e-4, 3e-3])
+    full = experiment.ForgettingConfig()  # 10x is run in new_tasks alone: the fast regime's candidate
+    assert full.knob_values("plain") == (*plain.values, 10.0) and full.knob_values("plain", "fast") == plain.values
     assert METHODS["l2_sp"].learning_rate(cal, 30.0) == 3e-4
     for m in METHODS["craft_last"].values:  # fixed penalty: m R_s, for each signal its own R
         assert _flag(METHODS["craft_last"].flags(cal, m), "--craft.lambda_init") == pytest.approx(m * 2.0)

@@ -11,8 +11,8 @@ learning rate with a seed of its own (100 + pretraining seed), then one probe pe
 Knobs (STRENGTHS = 0.3, 3, 30 for both penalties, so m means the same for both: at plain's end point the
 penalty's gradient is m times the action gradient):
 - plain, LoRA (rank 16, alpha 16), frozen vision (`--vla.train_stage vla-train`): the learning rate, as multiples
-  of the setting's learning rate (the default is one point): lowering it is the trade-off every user has. Plain
-  adds 10x, a candidate for the fast regime.
+  of the setting's learning rate, 1/3, 1, 3 (the default is one point): lowering it is the trade-off every user
+  has. In new_tasks plain adds 10x, a candidate for the fast regime.
 - L2-SP: a = m G / W (the pull a W at plain's distance is m G).
 - replay: k anchor frames (recorded actions) next to the 8 action frames, k = 2, 4, 8: a 20-50 % share.
 - CRaFT, one arm per retention signal, fixed penalty lambda = m R_s. Why fixed: in the first experiment it held the
@@ -92,6 +92,7 @@ class Method:
     values: Tuple[float, ...]
     flags: Callable[[Calibration, float], List[str]]  # trainer flags at one knob value (the learning rate aside)
     signal: str = "guide"  # the anchor cache the run is given
+    new_tasks_only: Tuple[float, ...] = ()  # values run in new_tasks alone (plain's candidates for the fast regime)
 
     def learning_rate(self, cal: Calibration, value: float) -> float:
         return cal.lr * value if self.knob == "lr" else cal.lr
@@ -121,7 +122,7 @@ def _pi(signal: str) -> Method:
 
 # In run order: a partial sweep has the baselines first.
 METHODS: Dict[str, Method] = {
-    "plain": Method("lr", (*LR_MULTIPLES, FAST_CANDIDATES[-1]), lambda cal, v: OFF),
+    "plain": Method("lr", LR_MULTIPLES, lambda cal, v: OFF, new_tasks_only=FAST_CANDIDATES[-1:]),
     "lora": Method("lr", LR_MULTIPLES, lambda cal, v: [*OFF, "--vla.use_lora", "true", "--vla.lora_rank",
                                                        str(LORA_RANK), "--vla.lora_alpha", str(LORA_RANK),
                                                        "--vla.merge_on_save", "false"]),

@@ -69,4 +69,5 @@ def weight_distance(a: Path, b: Path) -> float:
     from safetensors.torch import load_file
 
     wa, wb = ({k: v for p in _weight_files(c) for k, v in load_file(p).items()} for c in (a, b))
-    return math.sqrt(sum(float(((wa[k].double() - wb[k].double()) ** 2).sum()) for k in wa if wa[k].is_floating_point()))
+    return math.sqrt(sum(float(((wa[k].double() - wb[k].double()) ** 2).sum())
+                         for k in wa if wa[k].is_floating_point()))

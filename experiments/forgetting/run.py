@@ -78,9 +78,9 @@ class ForgettingConfig:
             if set(chosen) - set(known):
                 raise ValueError(f"--{flag} must be among {sorted(known)}; found {sorted(set(chosen) - set(known))}")
         if self.needs_picks and not ("new_tasks" in self.settings and 1.0 in self.knob_values("plain")):
-            raise ValueError("fast, conflict, shifted and further pretraining seeds take their knobs from the new_tasks "
-                             "frontier and plain's numbers there: they need new_tasks among --settings, plain among "
-                             "--methods and plain's default learning rate among --knobs")
+            raise ValueError("fast, conflict, shifted and further pretraining seeds take their knobs from the "
+                             "new_tasks frontier and plain's numbers there: they need new_tasks among --settings, "
+                             "plain among --methods and plain's default learning rate among --knobs")
         if "fast" in self.settings and self.knobs is not None:
             raise ValueError("fast picks its learning rate from plain's whole new_tasks grid: it needs --knobs null")
         for flag in ("seeds", "workers", "pretrain_steps", "finetune_steps", "probe_steps", "eval_interval"):
@@ -97,11 +97,13 @@ class ForgettingConfig:
     def chosen_methods(self) -> Tuple[str, ...]:
         return self.methods or tuple(METHODS)
 
-    def knob_values(self, method: str) -> Tuple[float, ...]:
+    def knob_values(self, method: str, setting: str = "new_tasks") -> Tuple[float, ...]:
         if method not in self.chosen_methods:
             return ()
-        values = METHODS[method].values
-        return values if self.knobs is None else tuple(values[i] for i in self.knobs if i < len(values))
+        m = METHODS[method]
+        if self.knobs is not None:
+            return tuple(m.values[i] for i in self.knobs if i < len(m.values))
+        return (*m.values, *m.new_tasks_only) if setting == "new_tasks" else m.values
 
 
 @dataclass(frozen=True)
@@ -271,12 +273,13 @@ def main(cfg: ForgettingConfig) -> dict:
     model = prepare_model(cfg, first)
     base = calibrate(cfg, model, cfg.finetune_lr)
     sweep = {m: cfg.knob_values(m) for m in cfg.chosen_methods}
-    results: Dict[str, Cells] = {}
+    learning_rates = {"new_tasks": base.lr, "conflict": base.lr, "shifted": base.lr}
+    results: Dict[Tuple[str, int], Cells] = {}  # (setting, pretraining seed) -> cells
     report = {"calibration": {f"p{first}-lr{base.lr:.3g}": asdict(base)}}
     if "new_tasks" in cfg.settings:
-        results["new_tasks"] = run_cells(cfg, model, base, "new_tasks", sweep)
+        results["new_tasks", first] = run_cells(cfg, model, base, "new_tasks", sweep)
     if cfg.needs_picks:
-        numbers = frontier(results["new_tasks"])
+        numbers = frontier(results["new_tasks", first])
         report["picks"] = picks = {m: pick({v: numbers[m, v] for v in sweep[m]}, numbers["plain", 1.0])
                                    for m in cfg.chosen_methods}
         if "fast" in cfg.settings:
@@ -284,20 +287,22 @@ def main(cfg: ForgettingConfig) -> dict:
                 {v: numbers["plain", v]["old_increase"] for v in sweep["plain"]})
             fast = calibrate(cfg, model, cfg.finetune_lr * multiple)
             report["calibration"][f"p{first}-lr{fast.lr:.3g}"] = asdict(fast)
-            results["fast"] = run_cells(cfg, model, fast, "fast", sweep)
+            learning_rates["fast"] = fast.lr
+            results["fast", first] = run_cells(cfg, model, fast, "fast", {m: cfg.knob_values(m, "fast") for m in sweep})
         for setting in ("conflict", "shifted"):
             if setting in cfg.settings:
-                results[setting] = run_cells(cfg, model, base, setting, {m: (v,) for m, v in picks.items()})
+                results[setting, first] = run_cells(cfg, model, base, setting, {m: (v,) for m, v in picks.items()})
         for seed in others:
             other = prepare_model(cfg, seed)
             cal = calibrate(cfg, other, cfg.finetune_lr)
             report["calibration"][f"p{seed}-lr{cal.lr:.3g}"] = asdict(cal)
-            results[f"new_tasks, pretraining seed {seed}"] = run_cells(cfg, other, cal, "new_tasks",
-                                                                      {m: (v,) for m, v in picks.items()})
+            results["new_tasks", seed] = run_cells(cfg, other, cal, "new_tasks", {m: (v,) for m, v in picks.items()})
+    report["learning_rate"] = learning_rates
     return summarize(cfg, results, report, model)
 
 
-def summarize(cfg: ForgettingConfig, results: Dict[str, Cells], report: dict, model: Model) -> dict:
+def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], report: dict, model: Model) -> dict:
+    """Tables and plots of every setting run; knob values of lr are multiples of the setting's learning rate."""
     from plots import plot_frontier
 
     pre = read_jsonl(model.checkpoint.parent.parent / "eval.jsonl")[-1]
@@ -308,19 +313,29 @@ def summarize(cfg: ForgettingConfig, results: Dict[str, Cells], report: dict, mo
     for key in ("fast_multiple", "picks"):
         if key in report:
             lines += [f"{key}: {json.dumps(report[key])}", ""]
-    for name, cells in results.items():
-        numbers = frontier(cells)
-        rows = {f"{m} {METHODS[m].knob}={v:g}": n for (m, v), n in numbers.items()}
-        report["settings"][name] = {"rows": rows, "runs": {r.run_id: run_numbers(r.run_dir)
-                                                           for runs in cells.values() for r in runs}}
-        lines += [f"## {name}: mean ± 95 % t half-width over fine-tuning seeds", "", markdown_table(rows), ""]
-        if name in SETTINGS:
+    headline: Dict[str, List[dict]] = {}  # new_tasks at the picked knobs, runs of every pretraining seed
+    for (setting, seed), cells in results.items():
+        name = setting if seed == model.seed else f"{setting}, pretraining seed {seed}"
+        runs = {cell: [run_numbers(r.run_dir) for r in rs] for cell, rs in cells.items()}
+        rows = {f"{m} {METHODS[m].knob}={v:g}": n for (m, v), n in group_numbers(runs).items()}
+        report["settings"][name] = {"rows": rows, "runs": {r.run_id: n for cell, rs in cells.items()
+                                                           for r, n in zip(rs, runs[cell])}}
+        lines += [f"## {name} (learning rate {report['learning_rate'][setting]:.3g}): mean ± 95 % t half-width "
+                  "over fine-tuning seeds", "", markdown_table(rows), ""]
+        if setting == "new_tasks" and "picks" in report:
+            for m, v in report["picks"].items():
+                headline.setdefault(f"{m} {METHODS[m].knob}={v:g}", []).extend(runs[m, v])
+        if seed == model.seed:
             curves = {}
-            for (m, v), n in numbers.items():
+            for (m, v), n in group_numbers(runs).items():
                 curves.setdefault(m, []).append((f"{METHODS[m].knob}={v:g}", n))
-            png = plot_frontier(curves, f"{name}: fine-tuning on {SETTINGS[name][1]}, A = {OLD}",
+            png = plot_frontier(curves, f"{name}: fine-tuning on {SETTINGS[setting][1]}, A = {OLD}",
                                 cfg.out / f"frontier_{name}.png")
             lines += [f"![{name}]({png.name})", ""]
+    if len({seed for _, seed in results}) > 1:
+        report["headline"] = rows = group_numbers(headline)
+        lines += ["## Headline: new_tasks at the picked knobs, the runs of every pretraining seed together", "",
+                  markdown_table(rows), ""]
     (cfg.out / "summary.json").write_text(json.dumps(report, indent=2))
     (cfg.out / "summary.md").write_text("\n".join(lines))
     return report
