@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments" / 
 import run as experiment  # noqa: E402
 from arms import METHODS, Calibration, fast_multiple, pick  # noqa: E402
 from assets import CONFLICT, NEW, OLD, SHIFTED  # noqa: E402
-from runner import Run  # noqa: E402
+from runner import LOGS, Run  # noqa: E402
 from summary import half_width  # noqa: E402
 
 SHORT = dict(seeds=1, workers=1, settings=("new_tasks",), knobs=(1,), pretrain_seeds=(0,), num_tasks=2,
@@ -172,7 +172,16 @@ def test_fresh_machine_continues_from_the_export_and_refuses_another_model(short
     cfg, _ = short_run
     fresh = experiment.ForgettingConfig(out=tmp_path / "fresh", export=cfg.export, **SHORT)
     run = Run(fresh.out / "runs", "B-plain-lr0.0003-p0-s1", cfg.finetune_steps, (), export=cfg.export)
-    assert run.done and (run.run_dir / "eval.jsonl").read_text() == (cfg.export / run.run_id / "eval.jsonl").read_text()
+    assert run.settle()
+    assert (run.run_dir / "eval.jsonl").read_text() == (cfg.export / run.run_id / "eval.jsonl").read_text()
+    # Stopped after its last rows: settling drops the checkpoint and exports; a row cut short is not done.
+    (run.run_dir / "checkpoints" / "step-000004").mkdir(parents=True)
+    moved = Run(run.run_root, run.run_id, run.steps, (), export=tmp_path / "elsewhere")
+    assert moved.settle() and not (run.run_dir / "checkpoints").exists()
+    assert sorted(p.name for p in (tmp_path / "elsewhere" / run.run_id).iterdir()) == sorted(LOGS)
+    metrics = run.run_dir / "metrics.jsonl"
+    metrics.write_text(metrics.read_text()[:-20])
+    assert not Run(run.run_root, run.run_id, run.steps, ()).settle()
     shutil.copytree(cfg.out / "data", fresh.out / "data")  # written deterministically (tests/test_synthetic.py)
     experiment.pretrain(fresh, 0)  # checks the regenerated weights against the export's fingerprint
 

@@ -2,7 +2,7 @@
 (two small runs side by side use two cores better than one run with two threads).
 
 A run is done when its logs are complete. Fine-tuning runs drop their checkpoint as soon as they finish and copy
-their logs to an export folder, which is what lets a fresh machine, given that folder, skip them."""
+their logs to an export folder, which is what lets a fresh machine, given that folder, skip them (Run.settle)."""
 
 import json
 import multiprocessing
@@ -31,16 +31,25 @@ class Run:
     def run_dir(self) -> Path:
         return self.run_root / self.run_id
 
-    @property
-    def done(self) -> bool:
-        """The last step's metrics row and the final evaluation row are written (and, where kept, the final
-        checkpoint, which the trainer writes after them). Logs found only in the export folder are restored."""
-        if not _logs_complete(self.run_dir, self.steps) and self.export is not None and \
-                _logs_complete(self.export / self.run_id, self.steps):
+    def settle(self) -> bool:
+        """Whether the run is done: the last step's metrics row and the final evaluation row are written (and, where
+        kept, the final checkpoint, which the trainer writes after them). A done run is brought to its finished
+        state, whatever stopped it before: logs found only in the export folder are restored, logs not yet
+        exported are, an unkept checkpoint is deleted."""
+        exported = self.export is not None and _logs_complete(self.export / self.run_id, self.steps)
+        if exported and not _logs_complete(self.run_dir, self.steps):
             shutil.rmtree(self.run_dir, ignore_errors=True)
             shutil.copytree(self.export / self.run_id, self.run_dir)
-        return _logs_complete(self.run_dir, self.steps) and (
-            not self.keep_checkpoint or (self.run_dir / "checkpoints" / f"step-{self.steps:06d}").is_dir())
+        checkpoint = self.run_dir / "checkpoints" / f"step-{self.steps:06d}"
+        if not _logs_complete(self.run_dir, self.steps) or (self.keep_checkpoint and not checkpoint.is_dir()):
+            return False
+        if not self.keep_checkpoint:
+            shutil.rmtree(self.run_dir / "checkpoints", ignore_errors=True)
+        if self.export is not None and not exported:
+            (self.export / self.run_id).mkdir(parents=True, exist_ok=True)
+            for name in LOGS:
+                shutil.copy2(self.run_dir / name, self.export / self.run_id / name)
+        return True
 
     def flags(self) -> List[str]:
         return [*map(str, self.args), "--run_root_dir", str(self.run_root), "--run_id", self.run_id,
@@ -55,7 +64,7 @@ def train_run(run: Run) -> Run:
     from prismatic.conf.train import TrainConfig
     from prismatic.training.trainer import train
 
-    if run.done:
+    if run.settle():
         return run
     shutil.rmtree(run.run_dir, ignore_errors=True)
     run.run_root.mkdir(parents=True, exist_ok=True)
@@ -65,14 +74,8 @@ def train_run(run: Run) -> Run:
         except BaseException:
             traceback.print_exc()
             raise
-    if not run.keep_checkpoint:
-        shutil.rmtree(run.run_dir / "checkpoints")
-    if run.export is not None:
-        target = run.export / run.run_id
-        shutil.rmtree(target, ignore_errors=True)
-        target.mkdir(parents=True)
-        for name in LOGS:
-            shutil.copy2(run.run_dir / name, target / name)
+    if not run.settle():
+        raise RuntimeError(f"{run.run_id}: the trainer returned without its last log rows")
     return run
 
 
@@ -82,7 +85,7 @@ def _logs_complete(run_dir: Path, steps: int) -> bool:
     if not all((run_dir / name).is_file() for name in LOGS):
         return False
     try:
-        last = [json.loads(p.read_text().splitlines()[-1]) for p in (run_dir / "metrics.jsonl", run_dir / "eval.jsonl")]
+        last = [json.loads((run_dir / name).read_text().splitlines()[-1]) for name in ("metrics.jsonl", "eval.jsonl")]
     except (IndexError, ValueError):
         return False
     return all(row.get("step") == steps for row in last)
@@ -96,7 +99,7 @@ def one_thread() -> None:
 
 def train_runs(runs: Sequence[Run], workers: int) -> None:
     """All runs, `workers` at a time; the first failure is raised once the others have finished."""
-    pending = [r for r in runs if not r.done]
+    pending = [r for r in runs if not r.settle()]
     if workers <= 1:
         for run in pending:
             train_run(run)
