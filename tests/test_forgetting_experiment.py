@@ -162,6 +162,10 @@ def test_rerun_continues_adds_a_setting_and_refuses_another_configuration(short_
     shifted = again["settings"]["shifted"]["runs"]
     assert sorted(k.split("-")[1] for k in shifted) == sorted(methods)
     assert all(k.startswith("S-") for k in shifted)
+    # Fine-tuning on the shifted dataset is fine-tuning on B: the same frames, step for step; only validation differs.
+    on_b, on_s = ([r["L_act"] for r in experiment.read_jsonl(cfg.out / "runs" / f"{key}-plain-lr0.0003-p0-s1" /
+                                                             "metrics.jsonl")] for key in ("B", "S"))
+    assert on_s == on_b
     with pytest.raises(ValueError, match="another configuration"):
         experiment.main(experiment.ForgettingConfig(out=cfg.out, **{**SHORT, "finetune_steps": 5}))
 
