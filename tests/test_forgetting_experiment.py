@@ -13,7 +13,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments" / 
 import run as experiment  # noqa: E402
 from arms import METHODS, Calibration, fast_multiple, pick  # noqa: E402
 from assets import CONFLICT, NEW, OLD, SHIFTED  # noqa: E402
-from runner import LOGS, Run  # noqa: E402
+from runner import LOGS, Run, one_thread  # noqa: E402
 from summary import half_width  # noqa: E402
 
 SHORT = dict(seeds=1, workers=1, settings=("new_tasks",), knobs=(1,), pretrain_seeds=(0,), num_tasks=2,
@@ -187,10 +187,11 @@ def test_fresh_machine_continues_from_the_export_and_refuses_another_model(short
     metrics.write_text(metrics.read_text()[:-20])
     assert not Run(run.run_root, run.run_id, run.steps, ()).settle()
     shutil.copytree(cfg.out / "data", fresh.out / "data")  # written deterministically (tests/test_synthetic.py)
-    experiment.pretrain(fresh, 0)  # checks the regenerated weights against the export's fingerprint
+    with one_thread():  # as main() runs it
+        experiment.pretrain(fresh, 0)  # checks the regenerated weights against the export's fingerprint
 
     prints = json.loads((cfg.export / "fingerprints.json").read_text())
     prints["p0"]["pretrained_sha256"] = "0" * 64
     (cfg.export / "fingerprints.json").write_text(json.dumps(prints))
     with pytest.raises(RuntimeError, match="does not reproduce"):
-        experiment.pretrain(fresh, 0)
+        experiment.pretrain(fresh, 0)  # finished: only the check runs

@@ -264,7 +264,11 @@ def frontier(cells: Cells) -> Dict[Tuple[str, float], Dict[str, list]]:
 
 def main(cfg: ForgettingConfig) -> dict:
     cfg.validate()
-    one_thread()  # pretraining, caches and calibration are then the same on any machine of this CPU type
+    with one_thread():  # pretraining, caches and calibration are then the same on any machine of this CPU type
+        return _main(cfg)
+
+
+def _main(cfg: ForgettingConfig) -> dict:
     for folder in (cfg.out, cfg.export):
         if folder is not None:
             _record_config(cfg, folder)

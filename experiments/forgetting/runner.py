@@ -10,7 +10,7 @@ import os
 import shutil
 import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from contextlib import redirect_stderr, redirect_stdout
+from contextlib import contextmanager, redirect_stderr, redirect_stdout
 from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
@@ -91,10 +91,23 @@ def _logs_complete(run_dir: Path, steps: int) -> bool:
     return all(row.get("step") == steps for row in last)
 
 
-def one_thread() -> None:
+def _one_thread() -> None:
     import torch
 
     torch.set_num_threads(1)
+
+
+@contextmanager
+def one_thread():
+    """This process computes on one thread inside the block (as the workers do), then as before."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def train_runs(runs: Sequence[Run], workers: int) -> None:
@@ -107,7 +120,7 @@ def train_runs(runs: Sequence[Run], workers: int) -> None:
         return
     os.environ["OMP_NUM_THREADS"] = "1"  # read by the workers' OpenMP before torch sets its own count
     errors = []
-    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=one_thread) as pool:
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=_one_thread) as pool:
         futures = {pool.submit(train_run, run): run for run in pending}
         for future in as_completed(futures):
             run = futures[future]
