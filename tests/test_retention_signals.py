@@ -149,6 +149,9 @@ def test_a_cache_built_for_one_mode_is_refused_for_another(demo, caches, tmp_pat
                                              "--craft.anchor_cache_dir, which is not set"):
         preflight(_cfg(demo, tmp_path, **{"craft.enabled": False, "craft.anchor_cache_dir": None,
                                           "vla.replay_batch_size": 2}))
+    with pytest.raises(PreflightError, match="--vla.l2_sp_weight pulls the weights toward those of "
+                                             "--pretrained_checkpoint, which is not set"):
+        preflight(_cfg(demo, tmp_path, **{"vla.l2_sp_weight": 0.1, "pretrained_checkpoint": None}))
     plan = preflight(_cfg(demo, tmp_path, **{"craft.anchor_cache_dir": caches["action"],
                                              "craft.retention_mode": "action", "vla.replay_batch_size": 2}))
     assert plan.cache.mode == "action"

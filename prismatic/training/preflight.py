@@ -77,6 +77,9 @@ def _preflight(cfg: TrainConfig) -> Plan:
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
                       "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
     check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
+    if cfg.vla.l2_sp_weight > 0 and cfg.pretrained_checkpoint is None:
+        raise ValueError("--vla.l2_sp_weight pulls the weights toward those of --pretrained_checkpoint, which is not "
+                         "set (pass it also when resuming)")
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
