@@ -10,8 +10,7 @@ import os
 import sys
 import time
 
-import draccus
-
+from prismatic.conf.cli import FlagError, parse_flags
 from prismatic.conf.train import TrainConfig
 from prismatic.training.preflight import PreflightError
 from prismatic.training.trainer import train
@@ -30,8 +29,11 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-@draccus.wrap()
-def main(cfg: TrainConfig) -> None:
+def main() -> None:
+    try:
+        cfg = parse_flags(TrainConfig, sys.argv[1:])
+    except FlagError as e:
+        fail(str(e))
     try:
         train(cfg)
     except PreflightError as e:
