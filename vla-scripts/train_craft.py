@@ -12,6 +12,7 @@ import time
 
 from prismatic.conf.cli import FlagError, parse_flags
 from prismatic.conf.train import TrainConfig
+from prismatic.training.checkpointing import CheckpointSpaceError
 from prismatic.training.preflight import PreflightError
 from prismatic.training.trainer import train
 
@@ -38,6 +39,8 @@ def main() -> None:
         train(cfg)
     except PreflightError as e:
         fail(str(e))
+    except CheckpointSpaceError as e:
+        fail(e.strerror)
 
 
 if __name__ == "__main__":

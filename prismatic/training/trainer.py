@@ -26,7 +26,7 @@ from prismatic.training.batches import ActionBatches, AnchorBatches, to_device
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
 from prismatic.training.evaluation import Evaluator, build_evaluator
-from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
+from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint, save_due
 from prismatic.training.distributed import init_process_group, shard_model
 from prismatic.training.metrics import EVAL_CONSOLE_KEYS, ConsoleSink, JsonlSink, Metrics, WandbSink
 from prismatic.training.objective import Objective
@@ -88,11 +88,15 @@ class Job:
         """Every rank evaluates its share; plain fine-tuning is counted against the same budget as CRaFT."""
         metrics.log_eval(self.evaluator(step, self.epsilon_schedule(step)))
 
+    def save_due(self, steps_done: int, end: int) -> bool:
+        """Whether a checkpoint is written after `steps_done` steps (never in a dry run)."""
+        return not self.cfg.dry_run_batches and save_due(steps_done, end, self.cfg.save_interval)
+
     def evaluation_due(self, steps_done: int, end: int) -> bool:
+        """Every --eval.interval steps, at each checkpoint and at the end."""
         interval = self.cfg.eval.interval
         return self.evaluator is not None and (
-            (interval > 0 and steps_done % interval == 0) or steps_done % self.cfg.save_interval == 0
-            or steps_done == end)
+            (interval > 0 and steps_done % interval == 0) or self.save_due(steps_done, end) or steps_done == end)
 
 
 def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
@@ -116,7 +120,7 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             records.append(record)
             if job.evaluation_due(step + 1, end):
                 job.evaluate(step + 1, metrics)
-            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+            if job.save_due(step + 1, end):
                 _save(job, step + 1)
     finally:
         inputs.close()
