@@ -19,7 +19,7 @@ import random
 import shutil
 import warnings
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -32,7 +32,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
 
 from safetensors.torch import load_file, save_file
 
-from prismatic.conf.train import resume_breaking_changes
+from prismatic.conf.train import RESUME_RETUNABLE, flag_changes, resume_breaking_changes
 from prismatic.models import save_pretrained
 from prismatic.models.checkpoint import CARRIED_FILES, CONFIG_NAME as MODEL_CONFIG_FILE
 from prismatic.models.lora import LORA_MARKER, adapter_state_dict, merged_state_dict
@@ -133,9 +133,10 @@ def resolve_resume(resume_from: str, run_dir: Path) -> Path:
     return path
 
 
-def check_resume_matches(path: Path, config: dict, world_size: int) -> List[str]:
-    """Reads only two small files: stops, naming every flag whose change breaks exact resume, or returns
-    notes on what could not be checked or changes in meaning."""
+def check_resume_matches(path: Path, config: dict, world_size: int) -> Tuple[List[str], List[dict]]:
+    """Reads only two small files: stops, naming every flag whose change breaks exact resume (or, with
+    --resume_with_changes, every change it cannot honour); else returns notes on what could not be checked or
+    changes in meaning, and the changed flags as {"flag", "old", "new"}."""
     state = json.loads((path / STATE_FILE).read_text())
     changes = [] if state["world_size"] == world_size else \
         [f"world size (torchrun processes) {state['world_size']} -> {world_size}"]
@@ -143,20 +144,26 @@ def check_resume_matches(path: Path, config: dict, world_size: int) -> List[str]
     if not saved_file.is_file():
         if changes:
             raise ValueError(f"--resume_from {path}: exact resume needs the same launch; changed: {changes[0]}")
-        return [f"{path} holds no {CONFIG_FILE} (an older checkpoint): the flags were not compared with it"]
+        return [f"{path} holds no {CONFIG_FILE} (an older checkpoint): the flags were not compared with it"], []
     saved = json.loads(saved_file.read_text())
-    changes += resume_breaking_changes(saved, config)
+    retuning = bool(config.get("resume_with_changes"))
+    changes += resume_breaking_changes(saved, config, retuning)
+    changed = [{"flag": f"--{flag}", "old": old, "new": new} for flag, old, new in flag_changes(saved, config)]
     if changes:
+        retunable = [c["flag"] for c in changed if c["flag"][2:] in RESUME_RETUNABLE and not retuning]
         raise ValueError(f"--resume_from {path}: exact resume needs the flags the run was started with; changed: "
                          f"{'; '.join(changes)}. Launch with the values in {saved_file}, or start a new run "
-                         "(another --run_id)")
+                         "(another --run_id)" + (f"; --resume_with_changes true accepts {', '.join(retunable)} "
+                                                 "(optimizer state, lambda and data position carry over)"
+                                                 if retunable else ""))
     notes = []
     old_steps, new_steps = saved["vla"]["max_steps"], config["vla"]["max_steps"]
     if old_steps != new_steps and (config["vla"]["lr_scheduler_type"] != "constant"
                                    or config["craft"]["epsilon_schedule"] != "constant"):
         notes.append(f"--vla.max_steps {old_steps} -> {new_steps}: the learning-rate / epsilon schedules "
                      "stretch to the new length from here on")
-    return notes
+    notes += [f"resumed with {c['flag']} {c['old']} -> {c['new']}" for c in changed]
+    return notes, changed
 
 
 def _barrier(env: DistEnv) -> None:
@@ -272,8 +279,11 @@ def _write_partial(partial: Path, *, model, tokenizer, dataset_statistics: dict,
         (partial / CONFIG_FILE).write_text(json.dumps(train_config, indent=2))
 
 
-def load_training_state(path: Path, *, model, optimizer, scheduler, env: DistEnv) -> dict:
-    """Optimizer, scheduler and this rank's RNG streams; returns trainer_state.json. Weights load separately."""
+def load_training_state(path: Path, *, model, optimizer, scheduler, env: DistEnv,
+                        learning_rate: Optional[float] = None) -> dict:
+    """Optimizer, scheduler and this rank's RNG streams; returns trainer_state.json. Weights load separately.
+    A `learning_rate` other than the saved one (a resume with --resume_with_changes) becomes the groups' base
+    rate, applied at the LR schedule's current position."""
     state = json.loads((path / STATE_FILE).read_text())  # its world size matched in the pre-flight checks
     holder = {"optimizer": get_optimizer_state_dict(model, optimizer)}
     # Partial: parameters that never received a gradient (e.g. the unused last ViT block) have no saved state.
@@ -281,6 +291,12 @@ def load_training_state(path: Path, *, model, optimizer, scheduler, env: DistEnv
              planner=DefaultLoadPlanner(allow_partial_load=True))
     set_optimizer_state_dict(model, optimizer, holder["optimizer"])
     scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=False))
+    if learning_rate is not None and any(base != learning_rate for base in scheduler.base_lrs):
+        scheduler.base_lrs = [learning_rate] * len(optimizer.param_groups)
+        for group in optimizer.param_groups:
+            group["initial_lr"] = learning_rate
+        scheduler.last_epoch -= 1
+        scheduler.step()  # recomputes every group's rate at the same position from the new base
     rng = torch.load(path / "rng" / f"rank-{env.rank}.pt", weights_only=False)
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])

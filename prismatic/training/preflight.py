@@ -50,6 +50,7 @@ class Plan:
     mixture: list
     cache: Optional[AnchorCache] = None
     resume_path: Optional[Path] = None  # the checkpoint to continue from
+    resume_changes: List[dict] = field(default_factory=list)  # flags changed since it: {"flag", "old", "new"}
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -79,8 +80,10 @@ def _preflight(cfg: TrainConfig) -> Plan:
     run_id = cfg.make_run_id()
     run_dir = Path(cfg.run_root_dir) / run_id
     resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
+    resume_changes: List[dict] = []
     if resume_path is not None:
-        notes += check_resume_matches(resume_path, config_dict(cfg), world_size)
+        resume_notes, resume_changes = check_resume_matches(resume_path, config_dict(cfg), world_size)
+        notes += resume_notes
     mixture = resolve_mixture(cfg.vla.data_mix)
     if not cfg.vla.data_mix.startswith("libero"):
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
@@ -126,7 +129,7 @@ def _preflight(cfg: TrainConfig) -> Plan:
     return Plan(
         run_id=run_id, run_dir=run_dir, env=env, device=device,
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
-        mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
+        mixture=mixture, cache=cache, resume_path=resume_path, resume_changes=resume_changes, notes=notes,
     )
 
 

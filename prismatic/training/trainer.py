@@ -116,6 +116,8 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             job.evaluate(0, metrics)
         for step in range(job.start, end):
             record = _train_step(job, step, next(inputs))
+            if step == job.start and plan.resume_changes:  # where a dashboard marks the change
+                record["changes"] = "; ".join(f"{c['flag']} {c['old']} -> {c['new']}" for c in plan.resume_changes)
             metrics.log(record)
             records.append(record)
             if job.evaluation_due(step + 1, end):
@@ -147,7 +149,8 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
     constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
     start, frames_done = 0, 0
     if plan.resume_path is not None:
-        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
+        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env,
+                                    learning_rate=cfg.vla.learning_rate)
         start, frames_done = state["step"], state["frames_per_rank"]
         if constraint is not None:
             constraint.load_state_dict(state["craft"])
@@ -294,14 +297,19 @@ def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optiona
 
 def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict, start: int) -> Metrics:
     """Rank 0's sinks: step rows to metrics.jsonl, evaluation rows to eval.jsonl, both to the console and W&B.
-    On resume, rows past the checkpoint are moved aside, not lost."""
+    On resume, rows past the checkpoint are moved aside, not lost, and the flags changed since it are appended to
+    changes.jsonl (`step`: the first step run with the new values)."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(draccus.dump(cfg))
     (plan.run_dir / "dataset_statistics.json").write_text(json.dumps(dataset_statistics, indent=2))
-    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval")}
+    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval", "changes")}
     if start:
         for log in logs.values():
             _set_aside_rows_after(log, start)
+    if plan.resume_changes:
+        with open(logs["changes"], "a", encoding="utf-8") as changes:
+            changes.writelines(json.dumps({"step": start + 1, **change, "checkpoint": str(plan.resume_path)}) + "\n"
+                               for change in plan.resume_changes)
     sinks, eval_sinks = [ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]
     if "jsonl" in cfg.trackers:
         sinks.append(JsonlSink(logs["metrics"]))
