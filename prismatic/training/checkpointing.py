@@ -96,14 +96,14 @@ def describe_bytes(parts: Dict[str, int]) -> str:
 def _disk_full(error: BaseException) -> bool:
     """Whether `error` is, or wraps, ENOSPC: DCP gathers each rank's failure into a CheckpointException, and
     safetensors reports the OS error in its own exception's text."""
-    seen = [error]
-    while seen:
-        e = seen.pop()
+    pending = [error]
+    while pending:
+        e = pending.pop()
         if e.errno == errno.ENOSPC if isinstance(e, OSError) else os.strerror(errno.ENOSPC) in str(e):
             return True
         if isinstance(e, CheckpointException):
-            seen += [failure for failure, _ in e.failures.values()]
-        seen += [x for x in (e.__cause__, e.__context__) if x is not None]
+            pending += [failure for failure, _ in e.failures.values()]
+        pending += [x for x in (e.__cause__, e.__context__) if x is not None]
     return False
 
 

@@ -178,8 +178,8 @@ def _check_disk_space(cfg: TrainConfig, run_dir: Path, resume_path: Optional[Pat
     folder = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
     free = shutil.disk_usage(folder).free
     what = (f"{new} checkpoint(s) of {describe_bytes(one)} at once (the run saves {saves} time(s) at --save_interval "
-            f"{cfg.save_interval} and keeps --keep_last_checkpoints {cfg.keep_last_checkpoints}, plus the one being "
-            "written)")
+            f"{cfg.save_interval} and keeps --keep_last_checkpoints {cfg.keep_last_checkpoints or 'null (all)'}, plus "
+            "the one being written)")
     if needed > free:
         raise ValueError(f"--run_root_dir {cfg.run_root_dir}: its filesystem has {human_bytes(free)} ({free:,} bytes) "
                          f"free, the run's checkpoints need {human_bytes(needed)} ({needed:,} bytes): {what}. Free "
