@@ -73,3 +73,10 @@ def test_other_mistakes_are_one_line(argv, message):
 def test_negative_values_and_plain_flags_pass_unchanged():
     cfg = parse_flags(TrainConfig, ["--craft.hidden_layer", "-3", "--vla.lora_target_modules", "q_proj,v_proj"])
     assert (cfg.craft.hidden_layer, cfg.vla.lora_target_modules, cfg.trackers) == (-3, "q_proj,v_proj", ("jsonl",))
+
+
+def test_help_still_prints_every_flag(capsys):
+    with pytest.raises(SystemExit) as done:
+        parse_flags(TrainConfig, ["--craft.epsilom", "0.1", "--help"])
+    assert done.value.code == 0
+    assert "--craft.epsilon" in capsys.readouterr().out

@@ -181,9 +181,10 @@ def test_the_preflight_refuses_a_run_whose_checkpoints_cannot_fit(demo, tmp_path
     assert [n for n in preflight_module.preflight(cfg).notes if "the run's checkpoints will take" in n]
     _free(monkeypatch, 10 * one)
     assert not [n for n in preflight_module.preflight(cfg).notes if "checkpoints will take" in n]
-    cfg.dry_run_batches = 2  # writes nothing
-    _free(monkeypatch, 0)
-    assert preflight_module.preflight(cfg)
+    cfg.dry_run_batches = 2  # writes nothing, but tells what the full run would meet
+    _free(monkeypatch, 3 * one - 1)
+    notes = [n for n in preflight_module.preflight(cfg).notes if "checkpoints need" in n]
+    assert notes == [f"without --dry_run_batches this run would stop: {message}"]
 
 
 def test_a_launched_run_that_meets_a_full_disk_stops_with_one_line(demo, tmp_path, monkeypatch, capsys):

@@ -67,6 +67,9 @@ class CheckpointConfig:
         if self.keep_last_checkpoints is not None and self.keep_last_checkpoints < 1:
             raise ValueError(f"--keep_last_checkpoints must be >= 1 (or null to keep all); "
                              f"found {self.keep_last_checkpoints}")
+        if self.resume_with_changes and not self.resume_from:
+            raise ValueError("--resume_with_changes true applies to a resume: pass --resume_from too (latest, or a "
+                             "checkpoint folder); found --resume_from not set")
 
 
 @dataclass

@@ -124,8 +124,7 @@ def _preflight(cfg: TrainConfig) -> Plan:
             f"run directory {run_dir} already holds a run; continue it with --resume_from latest, or pick "
             "another --run_id or --run_id_note (nothing there was touched)"
         )
-    if not cfg.dry_run_batches:
-        notes += _check_disk_space(cfg, run_dir, resume_path, model_config, weights_from, world_size)
+    notes += _check_disk_space(cfg, run_dir, resume_path, model_config, weights_from, world_size)
     return Plan(
         run_id=run_id, run_dir=run_dir, env=env, device=device,
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
@@ -166,7 +165,8 @@ def planned_checkpoint_bytes(cfg: TrainConfig, model_config: VLAModelConfig, sou
 def _check_disk_space(cfg: TrainConfig, run_dir: Path, resume_path: Optional[Path], model_config: VLAModelConfig,
                       weights_from: Path, world_size: int) -> List[str]:
     """Refuses a run whose checkpoints (--keep_last_checkpoints of them, plus the one being written) cannot fit in
-    the free space of --run_root_dir's filesystem; a note when they would fill most of it."""
+    the free space of --run_root_dir's filesystem; a note when they would fill most of it. A dry run writes
+    nothing: it gets the refusal as a note, for the full run it prepares."""
     one = planned_checkpoint_bytes(cfg, model_config, weights_from, world_size)
     start = json.loads((resume_path / STATE_FILE).read_text())["step"] if resume_path else 0
     end = cfg.vla.max_steps
@@ -181,9 +181,12 @@ def _check_disk_space(cfg: TrainConfig, run_dir: Path, resume_path: Optional[Pat
             f"{cfg.save_interval} and keeps --keep_last_checkpoints {cfg.keep_last_checkpoints or 'null (all)'}, plus "
             "the one being written)")
     if needed > free:
-        raise ValueError(f"--run_root_dir {cfg.run_root_dir}: its filesystem has {human_bytes(free)} ({free:,} bytes) "
-                         f"free, the run's checkpoints need {human_bytes(needed)} ({needed:,} bytes): {what}. Free "
-                         "space, point --run_root_dir at a larger disk, or lower --keep_last_checkpoints")
+        refusal = (f"--run_root_dir {cfg.run_root_dir}: its filesystem has {human_bytes(free)} ({free:,} bytes) free, "
+                   f"the run's checkpoints need {human_bytes(needed)} ({needed:,} bytes): {what}. Free space, point "
+                   "--run_root_dir at a larger disk, or lower --keep_last_checkpoints")
+        if cfg.dry_run_batches:
+            return [f"without --dry_run_batches this run would stop: {refusal}"]
+        raise ValueError(refusal)
     if needed > DISK_WARN_SHARE * free:
         return [f"the run's checkpoints will take {human_bytes(needed)} of the {human_bytes(free)} free under "
                 f"--run_root_dir {cfg.run_root_dir}: {what}"]
