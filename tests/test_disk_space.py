@@ -210,7 +210,9 @@ def test_a_launched_run_that_meets_a_full_disk_stops_with_one_line(demo, tmp_pat
     assert sorted(p.name for p in checkpoints.iterdir()) == ["step-000002"]
     assert json.loads((checkpoints / "step-000002" / "trainer_state.json").read_text())["step"] == 2
     # The pre-flight's estimate against the checkpoint the trainer wrote
-    estimate = sum(preflight_module.planned_checkpoint_bytes(parse_flags(TrainConfig, flags), read_config(demo / "model"),
-                                                             demo / "model", 1).values())
+    cfg = parse_flags(TrainConfig, flags)
+    estimate = sum(preflight_module.planned_checkpoint_bytes(cfg, read_config(demo / "model"), demo / "model",
+                                                             1).values())
     assert 1.0 <= estimate / folder_bytes(checkpoints / "step-000002") <= 1.05
-    assert [json.loads(r)["step"] for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [1, 2, 3, 4]
+    logged = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(row)["step"] for row in logged] == [1, 2, 3, 4]

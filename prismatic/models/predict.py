@@ -50,7 +50,8 @@ def _left_align(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def greedy_action_ids(model: nn.Module, pixel_values: torch.Tensor, prompts: Sequence[list[int]], n: int) -> torch.Tensor:
+def greedy_action_ids(model: nn.Module, pixel_values: torch.Tensor, prompts: Sequence[list[int]],
+                      n: int) -> torch.Tensor:
     """[B, n] greedy (full-vocabulary argmax, as upstream) continuations of the prompts, with a KV cache."""
     llm = model.language_model
     device = llm.get_input_embeddings().weight.device
