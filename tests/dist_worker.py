@@ -5,7 +5,9 @@ argument, default 2) rank r of W uses g = M s + r M/W + k, k < M/W. The fourth a
 sharding strategy (default full-shard). Writes per-step metrics and final weights. With
 `one_pass` as second argument the steps are one-pass CRaFT steps, and before them this rank's shards of
 g_act and g_ret from one joint pass are compared with those of the two separate passes; `two_pass_gathered` runs
-two-pass steps with --craft.keep_weights_gathered. Every step records how many all-gathers FSDP issued in all and
+two-pass steps with --craft.keep_weights_gathered; `action_l2sp` runs two-pass steps with the action retention signal
+(teacher-forced anchors, KL to cached log-probabilities) and L2-SP toward the initial weights, read back from a
+checkpoint that rank 0 writes before sharding. Every step records how many all-gathers FSDP issued in all and
 from the first anchor forward on.
 """
 
@@ -24,26 +26,29 @@ from craft.config import CraftConfig
 from craft.dual import DualMultiplier, EpsilonSchedule, RetentionConstraint
 from craft.step import accumulate
 from craft.surgery import grad_products, local, take_grads
-from prismatic.models import OpenVLA, preset_config
+from prismatic.models import OpenVLA, preset_config, save_pretrained
 from prismatic.training.distributed import dist_env_from_environ, init_process_group, shard_model
+from prismatic.training.l2_sp import L2SP
 from prismatic.training.objective import Objective
 from prismatic.training.optim import build_optimizer
 
 STEPS, B, A = 3, 2, 2
 
 
-def micro_batch(g: int, n: int, labels: bool) -> dict:
+def micro_batch(g: int, n: int, labels: bool, action_anchors: bool = False) -> dict:
     gen = torch.Generator().manual_seed(1000 + g * 2 + int(labels))
     ids = torch.randint(3, 31000, (n, 10), generator=gen)
     ids[:, 0] = 1
     batch = {"pixel_values": torch.randn(n, 6, 224, 224, generator=gen), "input_ids": ids,
              "attention_mask": torch.ones_like(ids, dtype=torch.bool)}
-    if labels:
+    if labels or action_anchors:  # 7 action tokens, and EOS for training frames
         ids[:, -8:] = torch.randint(31744, 32000, (n, 8), generator=gen)
         lab = ids.clone()
-        lab[:, :-8] = -100
+        lab[:, :-8 if labels else -7] = -100
         batch["labels"] = lab
-    else:
+    if action_anchors:
+        batch["target_logprobs"] = torch.log_softmax(torch.randn(n, 7, 256, generator=gen) * 3, dim=-1)
+    elif not labels:
         batch["target_features"] = torch.randn(n, 64, generator=gen)
     return batch
 
@@ -121,12 +126,18 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     torch.manual_seed(0)
     model = OpenVLA.from_config(preset_config("tiny"))
     model.train()
+    action = step_impl == "action_l2sp"
+    if action and env.is_main:
+        save_pretrained(model, out / "pretrained")
+    if action and env.distributed:
+        dist.barrier()
     if env.distributed:
         shard_model(model, env, device, strategy, False)
-    craft = CraftConfig(step_impl="two_pass", keep_weights_gathered=True) if step_impl == "two_pass_gathered" \
-        else CraftConfig(step_impl=step_impl)
+    craft = {"two_pass_gathered": CraftConfig(step_impl="two_pass", keep_weights_gathered=True),
+             "action_l2sp": CraftConfig(retention_mode="action")}.get(step_impl) or CraftConfig(step_impl=step_impl)
     objective = Objective.build(model, craft, env=env, device=device, sharding_strategy=strategy,
-                                autocast_dtype=None, gradient_checkpointing=False, max_grad_norm=1.0)
+                                autocast_dtype=None, gradient_checkpointing=False, max_grad_norm=1.0,
+                                regularize=L2SP.from_checkpoint(model, out / "pretrained", 0.5) if action else None)
     optimizer = build_optimizer(model, lr=1e-3, weight_decay=0.01)
     constraint = RetentionConstraint(EpsilonSchedule("constant", end=1e-4), DualMultiplier(0.5, lr=100.0))
     accum = micro_per_step // env.world_size
@@ -141,7 +152,7 @@ def main(out: Path, step_impl: str, micro_per_step: int, strategy: str) -> None:
     for s in range(STEPS):
         gs = step_micro_batches(s)
         r, _ = objective.step(optimizer, constraint, [micro_batch(g, B, True) for g in gs],
-                              [micro_batch(g, A, False) for g in gs])
+                              [micro_batch(g, A, False, action) for g in gs])
         rows.append({"L_act": r.L_act, "L_ret": r.L_ret, "grad_dot": r.grad_dot, "grad_cos": r.grad_cos,
                      "projection": r.projection, "grad_norm": r.grad_norm, "lambda": constraint.lam,
                      "lambda_hex": constraint.lam.hex(), **(gathers.take() if gathers else {})})

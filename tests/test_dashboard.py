@@ -138,6 +138,20 @@ def test_skipped_steps_are_marked(two_runs):
     assert len(markers) == 1 and list(markers[0].get_xdata()) == [4.0]
 
 
+def test_a_resume_with_changed_flags_is_a_vertical_line(tmp_path):
+    rows = [dict(r) for r in CRAFT_ROWS]
+    rows[4]["changes"] = "--craft.epsilon 0.01 -> 0.02"
+    craft, plain = write_run(tmp_path / "craft", rows, CRAFT_EVAL), write_run(tmp_path / "plain", PLAIN_ROWS)
+    dash = dashboard(craft, plain)
+    for panel in ("L_act", "drift", "lambda", "action_accuracy"):
+        marks = [line for line in dash.axes[panel].get_lines() if line.get_label() == "_craft changed"]
+        assert len(marks) == 1 and list(marks[0].get_xdata()) == [5, 5] and marks[0].get_color() == "C0", panel
+    assert "resumed with changed flags (changes.jsonl)" in [t.get_text() for t in dash.figure.legends[0].texts]
+    assert not [line for line in dash.axes["L_act"].get_lines() if "changed" in line.get_label()
+                and "plain" in line.get_label()]
+    assert "resumed with changed flags" not in str([t.get_text() for t in dashboard(plain).figure.legends[0].texts])
+
+
 def test_rolling_projection_rate_by_hand():
     # Steps reaching the surgery: 1 F, 2 T, 3 F, 5 T, 6 T (step 4 skipped). W = 3:
     # 1: 0/1   2: 1/2   3: 1/3   5: (T,F,T) 2/3   6: (F,T,T) 2/3

@@ -31,6 +31,8 @@ def runs(tmp_path_factory):
     launch(2, root / "two_gathered_m4", "two_pass_gathered", micro_per_step=4)
     launch(2, root / "two_one_pass_m4", "one_pass", micro_per_step=4)  # 2 micro-batches per rank
     launch(2, root / "hybrid_one_pass_m4", "one_pass", micro_per_step=4, strategy="hybrid-shard")
+    launch(1, root / "one_action_l2sp_m4", "action_l2sp", micro_per_step=4)
+    launch(2, root / "two_action_l2sp_m4", "action_l2sp", micro_per_step=4)
     return root
 
 
@@ -69,6 +71,14 @@ def test_one_pass_on_two_ranks_gives_each_rank_the_two_pass_gradient_shards(runs
 @pytest.mark.parametrize("run", ["two_one_pass_m4", "hybrid_one_pass_m4"])
 def test_one_pass_on_two_ranks_matches_two_pass_on_one_rank(runs, run):
     _assert_same_run(runs, "one_m4", run)
+
+
+def test_action_retention_with_l2_sp_on_two_ranks_matches_one_rank(runs):
+    """The action signal's anchor pass and L2-SP's pull (each rank pulling its own shards toward the rows it holds of
+    the checkpoint's weights) under FSDP give the single process's steps and weights."""
+    _assert_same_run(runs, "one_action_l2sp_m4", "two_action_l2sp_m4")
+    rows = json.loads((runs / "one_action_l2sp_m4" / "rank0.json").read_text())
+    assert rows[0]["L_ret"] > 0.1 and all(r["grad_dot"] != 0 for r in rows)
 
 
 def test_lambda_is_bitwise_identical_on_every_rank(runs):

@@ -47,6 +47,7 @@ def test_demo_configuration_passes(demo, tmp_path):
     ({"vla.enable_mixed_precision_training": True}, ["computes in bfloat16 (--vla.enable_mixed_precision_training",
                                                     "computed in float32"]),
     ({"sharding_strategy": "zero3"}, ["--sharding_strategy", "zero3"]),
+    ({"resume_with_changes": True}, ["--resume_with_changes true applies to a resume", "--resume_from not set"]),
 ])
 def test_bad_flags(demo, tmp_path, changes, fragments):
     _fails(_cfg(demo, tmp_path, **changes), *fragments)

@@ -1,11 +1,15 @@
 """A checkpoint carries the flags that produced it: a resume that changes one breaking exactness stops
-before any work, naming every such flag; a safe change (--vla.max_steps) resumes exactly."""
+before any work, naming every such flag; a safe change (--vla.max_steps) resumes exactly; with
+--resume_with_changes true the budget, dual update and learning rate may change, and the run carries on from the
+checkpoint's optimizer state, lambda and data position with the new values."""
 
 import json
 
 import draccus
 import pytest
-from launch import error_line, run_script, user_flags
+import torch
+from launch import EPS, LAMBDA_LR, error_line, run_cut_at, run_script, user_flags
+from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.training.checkpointing import CONFIG_FILE, complete_checkpoints
@@ -31,6 +35,11 @@ def runs(demo, tmp_path_factory):
         res = run_script(flags(demo, root, run_id, **{"vla.max_steps": steps}))
         assert res.returncode == 0, res.stderr[-3000:]
     return root
+
+
+def _optimizer_state(checkpoint, tmp_path) -> dict:
+    dcp_to_torch_save(checkpoint / "optimizer", tmp_path / "optimizer.pt")
+    return torch.load(tmp_path / "optimizer.pt", weights_only=False)["optimizer"]
 
 
 def _parse(args: list) -> TrainConfig:
@@ -62,6 +71,18 @@ def test_a_breaking_change_stops_the_resume_before_any_work(demo, runs, monkeypa
     assert message.count(" -> ") == len(named), message  # nothing else is blamed
     assert CONFIG_FILE in message and "step-000002" in message
     assert (runs / "short" / "metrics.jsonl").read_text() == before
+    retunable = [n.split(" ")[0] for n in named if n.startswith(("--craft.epsilon", "--craft.lambda_lr"))]
+    assert (f"--resume_with_changes true accepts {', '.join(retunable)} " in message) == bool(retunable), message
+
+
+def test_the_switch_still_refuses_what_it_cannot_honour(demo, runs):
+    cfg = _parse(flags(demo, runs, "short", resume_from="latest", resume_with_changes="true",
+                       **{"vla.max_steps": 2, "craft.epsilon": 0.01, "seed": 8, "craft.hidden_layer": -3}))
+    with pytest.raises(PreflightError) as err:
+        preflight(cfg)
+    message = str(err.value)
+    assert "changed: --craft.hidden_layer -2 -> -3; --seed 7 -> 8. Launch with" in message, message
+    assert "epsilon" not in message and "--resume_with_changes true accepts" not in message
 
 
 def test_safe_changes_pass_the_check(demo, runs):
@@ -87,3 +108,36 @@ def test_resume_with_more_steps_is_exact(demo, runs):
     for a, b in zip(ref, got):
         for key in COMPARED:
             assert b[key] == a[key], (a["step"], key, a[key], b[key])
+
+
+def test_resume_with_changes_carries_on_with_the_new_values(demo, runs, tmp_path):
+    run = run_cut_at(runs / "short", 2, runs / "retuned")
+    saved = json.loads((run / "checkpoints" / "step-000002" / "trainer_state.json").read_text())
+    res = run_script(flags(demo, runs, "retuned", resume_from="latest", resume_with_changes="true",
+                           **{"vla.max_steps": 4, "craft.epsilon": 0.01, "vla.learning_rate": 5e-4}))
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "note: resumed with --craft.epsilon 0.001 -> 0.01" in res.stdout
+    ref, got = rows(runs / "ref"), rows(run)
+    assert [r["step"] for r in got] == [1, 2, 3, 4] and EPS == 0.001
+    # Step 3 starts from the checkpoint's weights, data position and RNG: the same losses as the uninterrupted run.
+    for key in ("L_act", "L_ret", "grad_dot", "grad_cos", "action_accuracy"):
+        assert got[2][key] == ref[2][key], key
+    # ... and is held to the new budget, moving the checkpoint's lambda with it (gradient ascent, by hand).
+    assert [r["epsilon"] for r in got] == [0.001, 0.001, 0.01, 0.01]
+    assert got[2]["lambda"] == pytest.approx(max(0.0, saved["craft"]["lambda"] + LAMBDA_LR * (got[2]["L_ret"] - 0.01)))
+    assert got[2]["lambda"] != ref[2]["lambda"]
+    assert [r["learning_rate"] for r in got] == [1e-3, 1e-3, 5e-4, 5e-4]
+    assert got[2]["changes"] == ("--craft.epsilon 0.001 -> 0.01; --run_id short -> retuned; "
+                                 "--vla.learning_rate 0.001 -> 0.0005; --vla.max_steps 2 -> 4")
+    assert "changes" not in got[3] and "changes" not in got[1]
+    logged = [json.loads(line) for line in (run / "changes.jsonl").read_text().splitlines()]
+    assert [(c["step"], c["flag"], c["old"], c["new"]) for c in logged] == [
+        (3, "--craft.epsilon", 0.001, 0.01), (3, "--run_id", "short", "retuned"),
+        (3, "--vla.learning_rate", 0.001, 0.0005), (3, "--vla.max_steps", 2, 4)]
+    # The optimizer state went on from the checkpoint's: AdamW has counted 4 steps, as in the uninterrupted run.
+    ref_state, state = (_optimizer_state(r / "checkpoints" / "step-000004", tmp_path) for r in (runs / "ref", run))
+    trained = ref_state["state"].keys()  # the parameters that get gradients (not the unused last ViT block)
+    assert {float(ref_state["state"][k]["step"]) for k in trained} == {4.0}
+    assert {k: float(state["state"][k]["step"]) for k in trained} == {k: 4.0 for k in trained}
+    assert {g["lr"] for g in state["param_groups"]} == {5e-4}
+    assert json.loads((run / "checkpoints" / "step-000004" / CONFIG_FILE).read_text())["craft"]["epsilon"] == 0.01

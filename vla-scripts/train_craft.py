@@ -10,9 +10,9 @@ import os
 import sys
 import time
 
-import draccus
-
+from prismatic.conf.cli import FlagError, parse_flags
 from prismatic.conf.train import TrainConfig
+from prismatic.training.checkpointing import CheckpointSpaceError
 from prismatic.training.preflight import PreflightError
 from prismatic.training.trainer import train
 
@@ -30,12 +30,17 @@ def fail(message: str) -> None:
     sys.exit(2)
 
 
-@draccus.wrap()
-def main(cfg: TrainConfig) -> None:
+def main() -> None:
+    try:
+        cfg = parse_flags(TrainConfig, sys.argv[1:])
+    except FlagError as e:
+        fail(str(e))
     try:
         train(cfg)
     except PreflightError as e:
         fail(str(e))
+    except CheckpointSpaceError as e:
+        fail(e.strerror)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Model, LoRA, data and optimisation are `--vla.*` (prismatic/conf/vla.py), CRaFT is `--craft.*`
 (craft/config.py), evaluation is `--eval.*` (prismatic/conf/eval.py); run-level concerns below are joined
 into `TrainConfig` so their flags stay top-level
-(`--save_interval`, `--trackers`, ...). `RESUME_SAFE` lists the flags a resumed run may change.
+(`--save_interval`, `--trackers`, ...). `RESUME_SAFE` lists the flags a resumed run may change, and
+`RESUME_RETUNABLE` those it may change with `--resume_with_changes true`.
 """
 
 import json
@@ -56,6 +57,9 @@ class CheckpointConfig:
     keep_last_checkpoints: Optional[int] = 3  # older finished checkpoints are deleted; None keeps all
     # Continue a run from `<run_root_dir>/<run_id>/checkpoints/step-N` (a path) or its newest one ("latest").
     resume_from: Optional[str] = None
+    # Also accept changes to the budget, its schedule, the dual update and the learning rate (RESUME_RETUNABLE),
+    # keeping optimizer state, lambda, RNG and data position; each change goes to changes.jsonl.
+    resume_with_changes: bool = False
 
     def validate_checkpointing(self) -> None:
         if self.save_interval < 1:
@@ -63,6 +67,9 @@ class CheckpointConfig:
         if self.keep_last_checkpoints is not None and self.keep_last_checkpoints < 1:
             raise ValueError(f"--keep_last_checkpoints must be >= 1 (or null to keep all); "
                              f"found {self.keep_last_checkpoints}")
+        if self.resume_with_changes and not self.resume_from:
+            raise ValueError("--resume_with_changes true applies to a resume: pass --resume_from too (latest, or a "
+                             "checkpoint folder); found --resume_from not set")
 
 
 @dataclass
@@ -107,11 +114,20 @@ class TrainConfig(RunConfig, DistributionConfig, CheckpointConfig, TrackingConfi
 # watched. Anything else (data, batch arithmetic, seed, model, LoRA, CRaFT, ...) stops a resume.
 RESUME_SAFE = (
     "vla.max_steps", "vla.merge_on_save", "vla.expected_world_size", "save_interval", "keep_last_checkpoints",
-    "resume_from", "run_id", "run_id_note", "run_root_dir", "dry_run_batches", "dist_timeout_s", "trackers",
-    "wandb_project", "wandb_entity", "wandb_mode",
+    "resume_from", "resume_with_changes", "run_id", "run_id_note", "run_root_dir", "dry_run_batches",
+    "dist_timeout_s", "trackers", "wandb_project", "wandb_entity", "wandb_mode",
     "craft.keep_weights_gathered",  # where the gathered weights live, not what they are
 )
 RESUME_SAFE_PREFIXES = ("eval.",)  # evaluation settings change no training step
+# Flags a resume may change with --resume_with_changes true: the run then differs from an uninterrupted one, as
+# meant, from the checkpoint on. The constraint is rebuilt from the new values with its lambda, controller state
+# and schedule position loaded; the optimizer's learning rate is the new one at the LR schedule's position.
+RESUME_RETUNABLE = (
+    "craft.epsilon", "craft.epsilon_schedule", "craft.epsilon_start", "craft.epsilon_schedule_steps",
+    "craft.lambda_lr", "craft.dual_update", "craft.violation", "craft.lambda_kp", "craft.violation_ema",
+    "craft.lambda_max", "craft.conflict_projection", "craft.retention_interval", "vla.learning_rate",
+)
+RESUME_BOOKKEEPING = ("resume_from", "resume_with_changes")  # differ on every resume: not a change of the run
 
 
 def config_dict(cfg: TrainConfig) -> dict:
@@ -130,15 +146,19 @@ def flat_flags(config: dict, prefix: str = "") -> Dict[str, object]:
     return out
 
 
-def resume_breaking_changes(saved: dict, current: dict) -> List[str]:
-    """`--flag saved -> current` for every flag whose change would make the resumed run differ from an
-    uninterrupted one. A flag unknown to either side counts as changed, unless resume-safe."""
+def flag_changes(saved: dict, current: dict) -> List[Tuple[str, object, object]]:
+    """(flag, saved value, current value) for every flag that differs, in flag order; a flag unknown to one side
+    is "(not set)" there. Resume bookkeeping is left out."""
     before, now = flat_flags(saved), flat_flags(current)
-    changed = []
-    for flag in sorted(set(before) | set(now)):
-        if flag in RESUME_SAFE or flag.startswith(RESUME_SAFE_PREFIXES):
-            continue
-        missing = "(not set)"
-        if before.get(flag, missing) != now.get(flag, missing):
-            changed.append(f"--{flag} {before.get(flag, missing)} -> {now.get(flag, missing)}")
-    return changed
+    missing = "(not set)"
+    return [(flag, before.get(flag, missing), now.get(flag, missing)) for flag in sorted(set(before) | set(now))
+            if flag not in RESUME_BOOKKEEPING and before.get(flag, missing) != now.get(flag, missing)]
+
+
+def resume_breaking_changes(saved: dict, current: dict, retuning: bool = False) -> List[str]:
+    """`--flag saved -> current` for every flag whose change would make the resumed run differ from an
+    uninterrupted one (with `retuning`, one that --resume_with_changes cannot honour either). A flag unknown to
+    either side counts as changed, unless resume-safe."""
+    allowed = RESUME_SAFE + (RESUME_RETUNABLE if retuning else ())
+    return [f"--{flag} {old} -> {new}" for flag, old, new in flag_changes(saved, current)
+            if flag not in allowed and not flag.startswith(RESUME_SAFE_PREFIXES)]

@@ -7,11 +7,10 @@ ensure_torchvision_importable()  # before timm or transformers import torchvisio
 from prismatic.models.checkpoint import (  # noqa: E402
     CheckpointFileError,
     check_weight_files,
-    load_dataset_statistics,
     load_pretrained,
     save_pretrained,
 )
-from prismatic.models.config import PRESETS, VLAModelConfig, preset_config  # noqa: E402
+from prismatic.models.config import PRESETS, VLAModelConfig, load_dataset_statistics, preset_config  # noqa: E402
 from prismatic.models.processor import ImageProcessor  # noqa: E402
 from prismatic.models.projector import FusedMLPProjector  # noqa: E402
 from prismatic.models.tokenizer import build_tiny_tokenizer, load_tokenizer  # noqa: E402

@@ -24,15 +24,13 @@ import transformers
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from prismatic.models.config import VLAModelConfig
+from prismatic.models.config import CONFIG_NAME, STATS_NAME, VLAModelConfig, read_config
 from prismatic.models.processor import PREPROCESSOR_NAME, ImageProcessor
 from prismatic.models.tokenizer import load_tokenizer
 from prismatic.models.vla import OpenVLA
 
-CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-STATS_NAME = "dataset_statistics.json"
 TOKENIZER_FILES = ("tokenizer_config.json", "tokenizer.json", "tokenizer.model")
 # Files of a released checkpoint that this writer does not produce but OpenVLA's own loaders read: the HF
 # remote code, the processor and generation configs, and the tokenizer files transformers 5 no longer writes.
@@ -249,21 +247,6 @@ def _read_shard(path: Path, dtype: torch.dtype, device: torch.device) -> Iterato
             yield from_disk_name(key), tensor.to(dtype) if tensor.is_floating_point() else tensor
 
 
-def read_config(path: str | Path) -> VLAModelConfig:
-    """The config of a checkpoint folder; its `norm_stats` are replaced by dataset_statistics.json when the folder
-    has one (a fine-tuned checkpoint's own statistics), as OpenVLA's evaluation scripts do."""
-    folder = Path(path)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
-    config_path = folder / CONFIG_NAME
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: expected an OpenVLA checkpoint folder with {CONFIG_NAME}")
-    config = VLAModelConfig.from_dict(json.loads(config_path.read_text()))
-    if (folder / STATS_NAME).is_file():
-        config.norm_stats = load_dataset_statistics(folder)
-    return config
-
-
 def read_weights(path: str | Path, expected_keys: set[str], dtype: torch.dtype = torch.float32,
                  device: str | torch.device = "cpu") -> Iterator[tuple[str, torch.Tensor]]:
     """(in-memory name, tensor) of every weight of a checkpoint folder, one tensor at a time. The files' sizes and
@@ -302,12 +285,3 @@ def load_pretrained(
     if still_meta:
         raise RuntimeError(f"tensors left unmaterialised after loading {path}: {still_meta}")
     return model.eval(), read_tokenizer(path), config
-
-
-def load_dataset_statistics(path: str | Path) -> dict:
-    """`dataset_statistics.json` of a checkpoint folder (or the file itself): the action/proprio norm stats."""
-    path = Path(path)
-    stats_path = path / STATS_NAME if path.is_dir() else path
-    if not stats_path.is_file():
-        raise FileNotFoundError(f"{stats_path} not found")
-    return json.loads(stats_path.read_text())

@@ -9,11 +9,15 @@ folder. Keys we do not model are kept in `extra` and written back unchanged, so 
 from __future__ import annotations
 
 import copy
+import json
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import Any
 
 from transformers import LlamaConfig
 
+CONFIG_NAME = "config.json"
+STATS_NAME = "dataset_statistics.json"
 PATCH_SIZE = 14  # both DINOv2 ViT-L/14 and SigLIP So400m/14 use 14x14 patches
 
 
@@ -135,3 +139,27 @@ def preset_config(name: str) -> VLAModelConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown model preset {name!r}; known presets: {sorted(PRESETS)}")
     return copy.deepcopy(PRESETS[name])
+
+
+def read_config(path: str | Path) -> VLAModelConfig:
+    """The config of a checkpoint folder; its `norm_stats` are replaced by dataset_statistics.json when the folder
+    has one (a fine-tuned checkpoint's own statistics), as OpenVLA's evaluation scripts do."""
+    folder = Path(path)
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {folder} does not exist")
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{config_path} not found: expected an OpenVLA checkpoint folder with {CONFIG_NAME}")
+    config = VLAModelConfig.from_dict(json.loads(config_path.read_text()))
+    if (folder / STATS_NAME).is_file():
+        config.norm_stats = load_dataset_statistics(folder)
+    return config
+
+
+def load_dataset_statistics(path: str | Path) -> dict:
+    """`dataset_statistics.json` of a checkpoint folder (or the file itself): the action/proprio norm stats."""
+    path = Path(path)
+    stats_path = path / STATS_NAME if path.is_dir() else path
+    if not stats_path.is_file():
+        raise FileNotFoundError(f"{stats_path} not found")
+    return json.loads(stats_path.read_text())

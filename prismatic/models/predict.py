@@ -3,21 +3,21 @@
 Upstream decodes one example at a time. Here rows of different prompt lengths share a batch: the multimodal
 sequences are left-aligned so every row's next token sits in the last column, and each row gets its own
 position ids (counting from its first real token), so a row decodes exactly as it would alone.
+`model` is an OpenVLA (prismatic.models.vla, whose `predict_action` method calls in here), so this module does
+not import it back.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import torch
+from torch import nn
 
 from prismatic.models.action_tokenizer import ActionTokenizer
 from prismatic.models.batching import SPACE_TOKEN_ID, PaddedCollator, prompt_ids
 from prismatic.models.processor import ImageProcessor
-
-if TYPE_CHECKING:
-    from prismatic.models.vla import OpenVLA
 
 
 def action_stats(norm_stats: dict[str, Any] | None, unnorm_key: str | None) -> dict[str, Any]:
@@ -50,7 +50,8 @@ def _left_align(embeds: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
 
 
 @torch.no_grad()
-def greedy_action_ids(model: OpenVLA, pixel_values: torch.Tensor, prompts: Sequence[list[int]], n: int) -> torch.Tensor:
+def greedy_action_ids(model: nn.Module, pixel_values: torch.Tensor, prompts: Sequence[list[int]],
+                      n: int) -> torch.Tensor:
     """[B, n] greedy (full-vocabulary argmax, as upstream) continuations of the prompts, with a KV cache."""
     llm = model.language_model
     device = llm.get_input_embeddings().weight.device
@@ -75,7 +76,7 @@ def greedy_action_ids(model: OpenVLA, pixel_values: torch.Tensor, prompts: Seque
 
 
 def predict_action(
-    model: OpenVLA,
+    model: nn.Module,
     images,
     instructions: str | Sequence[str],
     tokenizer,

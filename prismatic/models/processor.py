@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from prismatic.models.config import VLAModelConfig
+from prismatic.models.config import VLAModelConfig, read_config
 
 PREPROCESSOR_NAME = "preprocessor_config.json"
 DINO_MEAN, DINO_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -83,8 +83,6 @@ class ImageProcessor:
         """The processor a checkpoint folder prescribes: its preprocessor_config.json's `tvf_normalize_params`
         when it has that file, else the default normalisation. `config` defaults to the folder's config.json."""
         if config is None:
-            from prismatic.models.checkpoint import read_config  # deferred: checkpoint imports this module
-
             config = read_config(checkpoint_dir)
         path = Path(checkpoint_dir) / PREPROCESSOR_NAME
         if not path.is_file():

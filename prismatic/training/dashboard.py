@@ -2,7 +2,8 @@
 
 Imports numpy and matplotlib only (no torch, no tensorflow), so a finished or running job can be
 plotted in a second. Only the two live logs are read: rows a resume moved to
-`metrics.superseded-*.jsonl` belong to a discarded timeline and stay out of the picture.
+`metrics.superseded-*.jsonl` belong to a discarded timeline and stay out of the picture. A resume that changed
+flags (its first row carries `changes`) is marked by a dotted vertical line in the run's colour.
 """
 
 import json
@@ -163,6 +164,11 @@ def skipped_steps(rows: Sequence[dict]) -> np.ndarray:
     return np.array([row["step"] for row in rows if row.get("skipped")], dtype=float)
 
 
+def changed_steps(rows: Sequence[dict]) -> List[int]:
+    """The steps from which a resume ran with changed flags (`changes` in that row)."""
+    return [row["step"] for row in rows if row.get("changes")]
+
+
 def rolling_projection_rate(rows: Sequence[dict], window: int) -> Tuple[np.ndarray, np.ndarray]:
     """Share of the last `window` steps (fewer at the start) whose gradients were projected.
 
@@ -215,6 +221,8 @@ def _draw_panel(ax, panel: Panel, runs: Sequence[RunLog], colors: Sequence[str],
                     transform=blended_transform_factory(ax.transData, ax.transAxes), label=f"_{run.label} skipped")
         if not drawn:
             missing.append(run.label)
+        for step in changed_steps(run.metrics) if drawn else ():
+            ax.axvline(step, color=color, linestyle=":", linewidth=1.2, label=f"_{run.label} changed")
     ax.set_title(panel.title, fontsize=10, loc="left")
     ax.set_xlabel("step", fontsize=9)
     ax.tick_params(labelsize=8)
@@ -271,6 +279,9 @@ def build_dashboard(runs: Sequence[RunLog], cfg: DashboardConfig = DashboardConf
     if any(len(skipped_steps(run.metrics)) for run in runs):
         handles.append(Line2D([], [], color="gray", marker="x", linestyle="none"))
         names.append("skipped step (non-finite)")
+    if any(changed_steps(run.metrics) for run in runs):
+        handles.append(Line2D([], [], color="gray", linestyle=":"))
+        names.append("resumed with changed flags (changes.jsonl)")
     figure.legend(handles, names, loc="outside upper center", ncols=min(len(names), 6), fontsize=9, frameon=False)
     return Dashboard(figure=figure, axes=axes)
 

@@ -6,6 +6,7 @@ expected and the found value.
 """
 
 import json
+import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,12 +17,21 @@ import torch
 from craft.anchor_cache import AnchorCache, check_cache_matches, read_meta
 from craft.retention import cache_layers
 from prismatic.conf.train import TrainConfig, config_dict
+from prismatic.models import OpenVLA
 from prismatic.models.checkpoint import check_weight_files
 from prismatic.models.config import VLAModelConfig
+from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import bitsandbytes_available
-from prismatic.training.checkpointing import check_resume_matches, resolve_resume
+from prismatic.training.checkpointing import (STATE_FILE, check_resume_matches, checkpoint_bytes, complete_checkpoints,
+                                              describe_bytes, human_bytes, resolve_resume, save_due)
 from prismatic.training.distributed import DistEnv, dist_env_from_environ
+from prismatic.training.stages import apply_train_stage
 from prismatic.vla.datasets import check_data_root, resolve_mixture
+
+
+# Checkpoints that fill more than this share of the free space get a warning: logs, evaluations and other jobs
+# share the disk.
+DISK_WARN_SHARE = 0.8
 
 
 class PreflightError(ValueError):
@@ -41,6 +51,7 @@ class Plan:
     mixture: list
     cache: Optional[AnchorCache] = None
     resume_path: Optional[Path] = None  # the checkpoint to continue from
+    resume_changes: List[dict] = field(default_factory=list)  # flags changed since it: {"flag", "old", "new"}
     notes: List[str] = field(default_factory=list)
 
     @property
@@ -70,13 +81,18 @@ def _preflight(cfg: TrainConfig) -> Plan:
     run_id = cfg.make_run_id()
     run_dir = Path(cfg.run_root_dir) / run_id
     resume_path = resolve_resume(cfg.resume_from, run_dir) if cfg.resume_from else None
+    resume_changes: List[dict] = []
     if resume_path is not None:
-        notes += check_resume_matches(resume_path, config_dict(cfg), world_size)
+        resume_notes, resume_changes = check_resume_matches(resume_path, config_dict(cfg), world_size)
+        notes += resume_notes
     mixture = resolve_mixture(cfg.vla.data_mix)
     if not cfg.vla.data_mix.startswith("libero"):
         warnings.warn(f"--vla.data_mix {cfg.vla.data_mix!r} is not a LIBERO mixture; CRaFT is tuned and "
                       "evaluated on LIBERO (e.g. --vla.data_mix libero_90)")
     check_data_root(cfg.data_root_dir, cfg.vla.data_mix)
+    if cfg.vla.l2_sp_weight > 0 and cfg.pretrained_checkpoint is None:
+        raise ValueError("--vla.l2_sp_weight pulls the weights toward those of --pretrained_checkpoint, which is not "
+                         "set (pass it also when resuming)")
     if (resume_path is None or cfg.vla.use_lora) and cfg.pretrained_checkpoint is None:
         raise ValueError("--pretrained_checkpoint is required (with LoRA, also to resume: it is the frozen base): a "
                          "local OpenVLA checkpoint folder (config.json + safetensors); found: not set")
@@ -116,10 +132,11 @@ def _preflight(cfg: TrainConfig) -> Plan:
             f"run directory {run_dir} already holds a run; continue it with --resume_from latest, or pick "
             "another --run_id or --run_id_note (nothing there was touched)"
         )
+    notes += _check_disk_space(cfg, run_dir, resume_path, model_config, weights_from, world_size)
     return Plan(
         run_id=run_id, run_dir=run_dir, env=env, device=device,
         grad_accumulation_steps=cfg.vla.grad_accumulation_steps(world_size), model_config=model_config,
-        mixture=mixture, cache=cache, resume_path=resume_path, notes=notes,
+        mixture=mixture, cache=cache, resume_path=resume_path, resume_changes=resume_changes, notes=notes,
     )
 
 
@@ -139,6 +156,52 @@ def _open_cache(cfg: TrainConfig, model_config: VLAModelConfig) -> AnchorCache:
         needs_actions="--vla.replay_batch_size" if cfg.vla.replay_batch_size else None,
     )
     return AnchorCache.open(cfg.craft.anchor_cache_dir)  # cheap: validates and memory-maps the arrays
+
+
+def planned_checkpoint_bytes(cfg: TrainConfig, model_config: VLAModelConfig, source_dir: Path,
+                             world_size: int) -> dict:
+    """What one checkpoint of the run will take, by part, from the model built on the meta device (parameter
+    counts and dtypes as the trainer sets them up, no memory)."""
+    with torch.device("meta"):
+        model = OpenVLA.from_config(model_config)
+        if cfg.vla.use_lora:
+            model = add_lora(model, cfg.vla.lora_rank, cfg.vla.resolved_lora_alpha, cfg.vla.lora_dropout,
+                             lora_targets(model, cfg.vla.lora_target_modules))
+        else:
+            apply_train_stage(model, cfg.vla.train_stage)
+    return checkpoint_bytes(model, lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
+                            merge_lora=cfg.vla.merge_on_save, source_dir=source_dir, world_size=world_size)
+
+
+def _check_disk_space(cfg: TrainConfig, run_dir: Path, resume_path: Optional[Path], model_config: VLAModelConfig,
+                      weights_from: Path, world_size: int) -> List[str]:
+    """Refuses a run whose checkpoints (--keep_last_checkpoints of them, plus the one being written) cannot fit in
+    the free space of --run_root_dir's filesystem; a note when they would fill most of it. A dry run writes
+    nothing: it gets the refusal as a note, for the full run it prepares."""
+    one = planned_checkpoint_bytes(cfg, model_config, weights_from, world_size)
+    start = json.loads((resume_path / STATE_FILE).read_text())["step"] if resume_path else 0
+    end = cfg.vla.max_steps
+    saves = sum(save_due(s, end, cfg.save_interval) for s in range(start + 1, end + 1))
+    have = len(complete_checkpoints(run_dir))
+    keep = cfg.keep_last_checkpoints or have + saves
+    new = max(min(have + saves, keep + 1) - have, min(saves, 1))  # the newest `keep`, plus the one being written
+    needed = new * sum(one.values())
+    folder = next(p for p in [run_dir, *run_dir.absolute().parents] if p.exists())
+    free = shutil.disk_usage(folder).free
+    what = (f"{new} checkpoint(s) of {describe_bytes(one)} at once (the run saves {saves} time(s) at --save_interval "
+            f"{cfg.save_interval} and keeps --keep_last_checkpoints {cfg.keep_last_checkpoints or 'null (all)'}, plus "
+            "the one being written)")
+    if needed > free:
+        refusal = (f"--run_root_dir {cfg.run_root_dir}: its filesystem has {human_bytes(free)} ({free:,} bytes) free, "
+                   f"the run's checkpoints need {human_bytes(needed)} ({needed:,} bytes): {what}. Free space, point "
+                   "--run_root_dir at a larger disk, or lower --keep_last_checkpoints")
+        if cfg.dry_run_batches:
+            return [f"without --dry_run_batches this run would stop: {refusal}"]
+        raise ValueError(refusal)
+    if needed > DISK_WARN_SHARE * free:
+        return [f"the run's checkpoints will take {human_bytes(needed)} of the {human_bytes(free)} free under "
+                f"--run_root_dir {cfg.run_root_dir}: {what}"]
+    return []
 
 
 def _read_model_config(checkpoint: Path) -> VLAModelConfig:

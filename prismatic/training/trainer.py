@@ -27,7 +27,7 @@ from prismatic.training.batches import ActionBatches, AnchorBatches, AnchorInput
 from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
 from prismatic.training.evaluation import Evaluator, build_evaluator
-from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint
+from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint, save_due
 from prismatic.training.distributed import init_process_group, shard_model
 from prismatic.training.l2_sp import L2SP
 from prismatic.training.metrics import EVAL_CONSOLE_KEYS, ConsoleSink, JsonlSink, Metrics, WandbSink
@@ -91,11 +91,15 @@ class Job:
         """Every rank evaluates its share; plain fine-tuning is counted against the same budget as CRaFT."""
         metrics.log_eval(self.evaluator(step, self.epsilon_schedule(step)))
 
+    def save_due(self, steps_done: int, end: int) -> bool:
+        """Whether a checkpoint is written after `steps_done` steps (never in a dry run)."""
+        return not self.cfg.dry_run_batches and save_due(steps_done, end, self.cfg.save_interval)
+
     def evaluation_due(self, steps_done: int, end: int) -> bool:
+        """Every --eval.interval steps, at each checkpoint and at the end."""
         interval = self.cfg.eval.interval
         return self.evaluator is not None and (
-            (interval > 0 and steps_done % interval == 0) or steps_done % self.cfg.save_interval == 0
-            or steps_done == end)
+            (interval > 0 and steps_done % interval == 0) or self.save_due(steps_done, end) or steps_done == end)
 
 
 def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
@@ -115,11 +119,13 @@ def _train(cfg: TrainConfig, plan: Plan) -> List[dict]:
             job.evaluate(0, metrics)
         for step in range(job.start, end):
             record = _train_step(job, step, next(inputs))
+            if step == job.start and plan.resume_changes:  # where a dashboard marks the change
+                record["changes"] = "; ".join(f"{c['flag']} {c['old']} -> {c['new']}" for c in plan.resume_changes)
             metrics.log(record)
             records.append(record)
             if job.evaluation_due(step + 1, end):
                 job.evaluate(step + 1, metrics)
-            if not dry_run and ((step + 1) % cfg.save_interval == 0 or step + 1 == end):
+            if job.save_due(step + 1, end):
                 _save(job, step + 1)
     finally:
         inputs.close()
@@ -148,7 +154,8 @@ def _build_job(cfg: TrainConfig, plan: Plan, evaluate: bool) -> Job:
     constraint = RetentionConstraint.from_config(cfg.craft, cfg.vla.max_steps) if cfg.craft.enabled else None
     start, frames_done = 0, 0
     if plan.resume_path is not None:
-        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env)
+        state = load_training_state(plan.resume_path, model=model, optimizer=optimizer, scheduler=scheduler, env=env,
+                                    learning_rate=cfg.vla.learning_rate)
         start, frames_done = state["step"], state["frames_per_rank"]
         if constraint is not None:
             constraint.load_state_dict(state["craft"])
@@ -302,14 +309,19 @@ def _record(step: int, cfg: TrainConfig, result: StepResult, constraint: Optiona
 
 def _open_sinks(cfg: TrainConfig, plan: Plan, dataset_statistics: dict, start: int) -> Metrics:
     """Rank 0's sinks: step rows to metrics.jsonl, evaluation rows to eval.jsonl, both to the console and W&B.
-    On resume, rows past the checkpoint are moved aside, not lost."""
+    On resume, rows past the checkpoint are moved aside, not lost, and the flags changed since it are appended to
+    changes.jsonl (`step`: the first step run with the new values)."""
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "config.yaml").write_text(draccus.dump(cfg))
     (plan.run_dir / "dataset_statistics.json").write_text(json.dumps(dataset_statistics, indent=2))
-    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval")}
+    logs = {kind: plan.run_dir / f"{kind}.jsonl" for kind in ("metrics", "eval", "changes")}
     if start:
         for log in logs.values():
             _set_aside_rows_after(log, start)
+    if plan.resume_changes:
+        with open(logs["changes"], "a", encoding="utf-8") as changes:
+            changes.writelines(json.dumps({"step": start + 1, **change, "checkpoint": str(plan.resume_path)}) + "\n"
+                               for change in plan.resume_changes)
     sinks, eval_sinks = [ConsoleSink()], [ConsoleSink(EVAL_CONSOLE_KEYS, prefix="eval ")]
     if "jsonl" in cfg.trackers:
         sinks.append(JsonlSink(logs["metrics"]))
