@@ -312,8 +312,13 @@ def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], repo
     pre = read_jsonl(model.checkpoint.parent.parent / "eval.jsonl")[-1]
     report.update(pretrained_on_A=pre, settings={})
     lines = [f"Pretrained on A (seed {model.seed}, {cfg.pretrain_steps} steps): A validation L1 "
-             f"{pre.get('eval/val_l1', float('nan')):.3f}", "",
-             "Calibration (arms.py): " + json.dumps(report["calibration"]), ""]
+             f"{pre.get('eval/val_l1', float('nan')):.3f}", "", "Calibration (arms.py), per pretrained model and "
+             "learning rate: D = plain's final held-out drift per signal, R = |g_act| / |g_ret| per signal, "
+             "G = |g_act|, W = plain's weight distance", ""]
+    lines += [f"- {key}: D = {_rounded(c['drift'])}, R = {_rounded(c['grad_ratio'])}, G = {c['grad_act']:.4g}, "
+              f"W = {c['weight_distance']:.4g}" for key, c in report["calibration"].items()]
+    lines += ["", "Knobs: lr = multiple of the setting's learning rate; m = penalty strength (lambda = m R, "
+              "a = m G / W); k = replayed frames; f = nuPI's budget, epsilon = f D.", ""]
     for key in ("fast_multiple", "picks"):
         if key in report:
             lines += [f"{key}: {json.dumps(report[key])}", ""]
@@ -343,6 +348,10 @@ def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], repo
     (cfg.out / "summary.json").write_text(json.dumps(report, indent=2))
     (cfg.out / "summary.md").write_text("\n".join(lines))
     return report
+
+
+def _rounded(values: Dict[str, float]) -> str:
+    return ", ".join(f"{k} {v:.4g}" for k, v in values.items())
 
 
 SELECTORS = ("out", "export", "workers", "settings", "methods", "knobs", "seeds", "pretrain_seeds")

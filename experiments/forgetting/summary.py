@@ -22,7 +22,7 @@ COLUMNS = (
     ("old_l1", "A L1", "{:.3f}"),
     ("new_acc", "B acc", "{:.3f}"),
     ("old_acc", "A acc", "{:.3f}"),
-    ("drift_end", "held-out drift, end", "{:.2e}"),
+    ("drift_end", "held-out drift, end (the run's cache, its loss)", "{:.2e}"),
     ("lambda_max", "lambda max", "{:.3g}"),
     ("step_time", "step time (s)", "{:.2f}"),
 )
