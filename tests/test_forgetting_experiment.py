@@ -78,7 +78,7 @@ def test_regime_and_knob_picks_follow_the_written_rules():
     frontier = {0.3: {"new_l1": [0.30] * 3, "old_increase": [0.06] * 3},
                 3.0: {"new_l1": [0.32] * 3, "old_increase": [0.03] * 3},
                 30.0: {"new_l1": [0.40] * 3, "old_increase": [0.0] * 3}}
-    assert pick(frontier, plain) == 3.0  # the strongest that still learns B as well as plain
+    assert pick(frontier, plain) == 3.0  # the best A among those that learn B as well as plain
     assert pick({v: frontier[v] for v in (30.0,)}, plain) == 30.0  # none does: the one that learns B best
 
 

@@ -1,7 +1,7 @@
 """The frontier's methods, each swept over its own strength knob, and the written rules that fix every knob value.
 
-The rules below were fixed before any old-task (A) number was seen. Knob values come from calibration
-quantities, measured per pretrained model and learning rate (run.py `calibrate`): plain fine-tuning on B at that
+The rules below were fixed before any old-task (A) number of this experiment was seen. Knob values come from
+calibration quantities, measured per pretrained model and learning rate (run.py `calibrate`): plain fine-tuning on B at that
 learning rate with a seed of its own (100 + pretraining seed), then one probe per retention signal from its end
 (CRaFT steps at learning rate 0 and lambda 0):
 - D_s: the held-out drift of plain's final model against signal s's anchor cache, in s's own loss;
@@ -36,9 +36,9 @@ sweep every knob; `conflict` (C) and `shifted` (B, validated in A's scenes) run 
 - fast_multiple, looking at plain's A numbers only: among plain's new_tasks learning-rate multiples 3 and 10, the
   lowest whose A-L1 increase is clearly above the default's (its 95 % interval's lower end above the default's
   upper end: more forgetting than the seed spread explains); else 10. A faster rate, not more steps: same cost.
-- pick: the strongest retention that learns B as well as plain: among a method's values whose mean B L1 is at most
-  plain-at-default's mean plus its 95 % half-width, the one with the smallest mean A-L1 increase; if none, the
-  value with the lowest mean B L1.
+- pick: the best retention that still learns B as well as plain: among a method's values whose mean B L1 is at
+  most plain-at-default's mean plus its 95 % half-width, the one with the smallest mean A-L1 increase; if none,
+  the value with the lowest mean B L1.
 """
 
 from dataclasses import dataclass
