@@ -1,9 +1,9 @@
 """The frontier's methods, each swept over its own strength knob, and the written rules that fix every knob value.
 
 The rules below were fixed before any old-task (A) number of this experiment was seen. Knob values come from
-calibration quantities, measured per pretrained model and learning rate (run.py `calibrate`): plain fine-tuning on B at that
-learning rate with a seed of its own (100 + pretraining seed), then one probe per retention signal from its end
-(CRaFT steps at learning rate 0 and lambda 0):
+calibration quantities, measured per pretrained model and learning rate (run.py `calibrate`): plain fine-tuning on
+B at that learning rate with a seed of its own (100 + pretraining seed), then one probe per retention signal from
+its end (CRaFT steps at learning rate 0 and lambda 0):
 - D_s: the held-out drift of plain's final model against signal s's anchor cache, in s's own loss;
 - R_s = |g_act| / |g_ret,s| there: the multiplier at which signal s's pull matches the action gradient;
 - G = |g_act| there, and W = ||w_plain - w_pretrained||, plain's weight distance.
