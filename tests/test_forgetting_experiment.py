@@ -1,5 +1,7 @@
-"""The forgetting frontier's harness, shortened (every method at one knob value, a few steps, one seed, tiny data),
-so that it cannot rot."""
+"""The forgetting frontier's harness, shortened (one knob value per method, a few steps, one seed, tiny data), so
+that it cannot rot. Every method's flags at every knob value are checked against the trainer's configuration; the
+short experiment trains the methods that rest on the trainer's newer features (L2-SP, replay, the retention signals
+other than the guide's) next to plain fine-tuning."""
 
 import json
 import shutil
@@ -11,12 +13,13 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "experiments" / "forgetting"))
 import run as experiment  # noqa: E402
-from arms import METHODS, Calibration, fast_multiple, pick  # noqa: E402
+from arms import METHODS, SIGNALS, Calibration, fast_multiple, pick  # noqa: E402
 from assets import CONFLICT, NEW, OLD, SHIFTED  # noqa: E402
 from runner import LOGS, Run, one_thread  # noqa: E402
 from summary import half_width  # noqa: E402
 
-SHORT = dict(seeds=1, workers=1, settings=("new_tasks",), knobs=(1,), pretrain_seeds=(0,), num_tasks=2,
+TRAINED = ("plain", "l2_sp", "replay", "craft_last", "craft_layers", "craft_action")
+SHORT = dict(seeds=1, workers=1, settings=("new_tasks",), methods=TRAINED, knobs=(1,), pretrain_seeds=(0,), num_tasks=2,
              episodes_per_task=6, steps_per_episode=8, image_size=64, batch_size=4, shuffle_buffer_size=50,
              pretrain_steps=4, finetune_steps=4, num_anchors=8, num_heldout_anchors=4, probe_steps=1,
              eval_interval=4, eval_batches=1, eval_train_anchors=4)
@@ -69,6 +72,26 @@ def test_knob_values_follow_the_written_rules():
                                                            "--craft.hidden_layers", "[-1,-2]"]
 
 
+def test_every_method_and_knob_value_is_a_valid_trainer_configuration(tmp_path):
+    import draccus
+
+    from prismatic.conf.train import TrainConfig
+
+    cfg = experiment.ForgettingConfig(out=tmp_path)
+    model = experiment.Model(0, tmp_path / "pretrained", {s: tmp_path / f"cache_{s}" for s in SIGNALS})
+    cal = Calibration(lr=3e-4, drift={s: 0.5 for s in SIGNALS}, grad_ratio={s: 2.0 for s in SIGNALS}, grad_act=1.0,
+                      weight_distance=10.0)
+    for method in METHODS:
+        for value in cfg.knob_values(method):
+            run = experiment.method_run(cfg, model, cal, "new_tasks", method, value, 1)
+            train = draccus.parse(TrainConfig, args=run.flags())
+            train.vla.validate(1)
+            train.craft.validate()
+            assert train.craft.enabled == method.startswith("craft")
+            if train.craft.enabled:
+                assert train.craft.anchor_cache_dir == model.caches[METHODS[method].signal]
+
+
 def test_regime_and_knob_picks_follow_the_written_rules():
     assert half_width([1.0, 3.0]) == pytest.approx(12.706)  # t(0.975, 1) x std sqrt(2) / sqrt(2)
     default = [0.07, 0.08, 0.09]
@@ -118,7 +141,7 @@ def test_short_experiment_end_to_end(short_run):
     cfg, summary = short_run
     plain = "B-plain-lr0.0003-p0-s1"
     logs = {p.parent.name: experiment.read_jsonl(p) for p in (cfg.out / "runs").glob("B-*/metrics.jsonl")}
-    assert len(logs) == len(METHODS)  # every method once
+    assert sorted(k.split("-")[1] for k in logs) == sorted(TRAINED)  # every method once
     for run_id, rows in logs.items():
         assert len(rows) == cfg.finetune_steps
         assert not (cfg.out / "runs" / run_id / "checkpoints").exists()  # dropped once finished
