@@ -69,4 +69,4 @@ def test_cache_from_another_model_width_is_refused(demo, tmp_path):
     meta["hidden_dim"] = 4096
     (cache / "meta.json").write_text(json.dumps(meta))
     message = error_line(run_script(user_flags(demo, tmp_path, **{"craft.anchor_cache_dir": cache})))
-    assert "width 4096" in message and "hidden size is 64" in message and "--pretrained_checkpoint" in message
+    assert "hidden size 4096" in message and "hidden size is 64" in message and "--pretrained_checkpoint" in message
