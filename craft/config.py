@@ -82,7 +82,10 @@ class CraftConfig:
         return self.retention_loss_type or MODE_LOSS_TYPES.get(self.retention_mode, ("mse",))[0]
 
     def validate(self) -> None:
-        """Reject values that would make the run meaningless, before any model or data is touched."""
+        """Reject values that would make the run meaningless, before any model or data is touched. Resolves the
+        retention loss type to the mode's default, so that the saved configuration names it."""
+        if self.retention_loss_type is None and self.retention_mode in MODE_LOSS_TYPES:
+            self.retention_loss_type = self.loss_type
         if not self.enabled:
             return
         _choice("retention_mode", self.retention_mode, RETENTION_MODES)

@@ -11,7 +11,7 @@ import torch
 from launch import EPS, LAMBDA_LR, error_line, run_cut_at, run_script, user_flags
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
-from prismatic.conf.train import TrainConfig, config_dict
+from prismatic.conf.train import TrainConfig, config_dict, resume_breaking_changes
 from prismatic.training.checkpointing import CONFIG_FILE, complete_checkpoints
 from prismatic.training.preflight import PreflightError, preflight
 
@@ -141,3 +141,19 @@ def test_resume_with_changes_carries_on_with_the_new_values(demo, runs, tmp_path
     assert {k: float(state["state"][k]["step"]) for k in trained} == {k: 4.0 for k in trained}
     assert {g["lr"] for g in state["param_groups"]} == {5e-4}
     assert json.loads((run / "checkpoints" / "step-000004" / CONFIG_FILE).read_text())["craft"]["epsilon"] == 0.01
+
+
+def test_a_checkpoint_from_before_a_flag_existed_resumes_while_the_flag_keeps_its_default():
+    """Flags added since a checkpoint was written default to the behaviour it ran with; only moving them counts."""
+    cfg = TrainConfig()
+    cfg.craft.enabled = False
+    cfg.craft.validate()  # resolves the retention loss type, so the saved configuration names it
+    assert cfg.craft.retention_loss_type == "mse"
+    saved = config_dict(cfg)
+    del saved["vla"]["l2_sp_weight"], saved["vla"]["replay_batch_size"], saved["craft"]["hidden_layers"]
+    assert resume_breaking_changes(saved, config_dict(cfg)) == []
+    cfg.vla.l2_sp_weight = 0.1
+    assert resume_breaking_changes(saved, config_dict(cfg)) == ["--vla.l2_sp_weight 0.0 -> 0.1"]
+    gone = config_dict(cfg)  # a flag the run no longer has still counts as changed
+    del gone["vla"]["learning_rate"]
+    assert "--vla.learning_rate 2e-05 -> (not set)" in resume_breaking_changes(saved, gone)

@@ -147,9 +147,13 @@ def flat_flags(config: dict, prefix: str = "") -> Dict[str, object]:
 
 
 def flag_changes(saved: dict, current: dict) -> List[Tuple[str, object, object]]:
-    """(flag, saved value, current value) for every flag that differs, in flag order; a flag unknown to one side
-    is "(not set)" there. Resume bookkeeping is left out."""
+    """(flag, saved value, current value) for every flag that differs, in flag order; a flag unknown to the run is
+    "(not set)" there, one unknown to the checkpoint has its default. Resume bookkeeping is left out."""
     before, now = flat_flags(saved), flat_flags(current)
+    # A checkpoint written before a flag existed ran as that flag's default does (new flags default to the old
+    # behaviour): it is unchanged if the run keeps the default.
+    before = {**{flag: value for flag, value in flat_flags(config_dict(TrainConfig())).items() if flag in now},
+              **before}
     missing = "(not set)"
     return [(flag, before.get(flag, missing), now.get(flag, missing)) for flag in sorted(set(before) | set(now))
             if flag not in RESUME_BOOKKEEPING and before.get(flag, missing) != now.get(flag, missing)]
