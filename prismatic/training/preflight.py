@@ -20,12 +20,11 @@ from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models import OpenVLA
 from prismatic.models.checkpoint import check_weight_files
 from prismatic.models.config import VLAModelConfig
-from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import bitsandbytes_available
 from prismatic.training.checkpointing import (STATE_FILE, check_resume_matches, checkpoint_bytes, complete_checkpoints,
                                               describe_bytes, human_bytes, resolve_resume, save_due)
 from prismatic.training.distributed import DistEnv, dist_env_from_environ
-from prismatic.training.stages import apply_train_stage
+from prismatic.training.stages import make_trainable
 from prismatic.vla.datasets import check_data_root, resolve_mixture
 
 
@@ -164,11 +163,7 @@ def planned_checkpoint_bytes(cfg: TrainConfig, model_config: VLAModelConfig, sou
     counts and dtypes as the trainer sets them up, no memory)."""
     with torch.device("meta"):
         model = OpenVLA.from_config(model_config)
-        if cfg.vla.use_lora:
-            model = add_lora(model, cfg.vla.lora_rank, cfg.vla.resolved_lora_alpha, cfg.vla.lora_dropout,
-                             lora_targets(model, cfg.vla.lora_target_modules))
-        else:
-            apply_train_stage(model, cfg.vla.train_stage)
+        model = make_trainable(model, cfg.vla)
     return checkpoint_bytes(model, lora_scaling=cfg.vla.lora_scaling if cfg.vla.use_lora else None,
                             merge_lora=cfg.vla.merge_on_save, source_dir=source_dir, world_size=world_size)
 

@@ -4,7 +4,8 @@ from typing import List
 
 import torch
 
-from prismatic.conf.vla import TRAIN_STAGES
+from prismatic.conf.vla import TRAIN_STAGES, VLAConfig
+from prismatic.models.lora import add_lora, lora_targets
 
 
 def last_llm_layer(model) -> List[torch.nn.Module]:
@@ -27,3 +28,12 @@ def apply_train_stage(model, stage: str) -> List[torch.nn.Parameter]:
         for module in last_llm_layer(model):
             module.requires_grad_(True)
     return [p for p in model.parameters() if p.requires_grad]
+
+
+def make_trainable(model, vla: VLAConfig):
+    """What the run trains: LoRA adapters on a frozen base (returned: the model with them), or OpenVLA's stage."""
+    if vla.use_lora:
+        return add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
+                        lora_targets(model, vla.lora_target_modules))
+    apply_train_stage(model, vla.train_stage)
+    return model

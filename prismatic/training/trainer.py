@@ -24,7 +24,6 @@ from prismatic.conf.train import TrainConfig, config_dict
 from prismatic.models import ImageProcessor, OpenVLA, load_pretrained
 from prismatic.models.checkpoint import read_config, read_tokenizer, read_weights, rebuild_rotary
 from prismatic.training.batches import ActionBatches, AnchorBatches, AnchorInputs, stack_rows, to_device
-from prismatic.models.lora import add_lora, lora_targets
 from prismatic.models.quantize import quantize_base
 from prismatic.training.evaluation import Evaluator, build_evaluator
 from prismatic.training.checkpointing import load_adapters, load_training_state, save_checkpoint, save_due
@@ -36,7 +35,7 @@ from prismatic.training.optim import build_optimizer, build_scheduler, parameter
 from prismatic.training.prefetch import prefetch
 from prismatic.training.preflight import Plan, preflight
 from prismatic.training.report import dry_run_report
-from prismatic.training.stages import apply_train_stage
+from prismatic.training.stages import apply_train_stage, make_trainable
 from prismatic.models.batching import PaddedCollator
 from prismatic.vla.datasets import RLDSStream
 
@@ -242,13 +241,9 @@ def _build_model(cfg: TrainConfig, plan: Plan):
     model, tokenizer, config = load_pretrained(source, dtype=base_dtype, device=plan.device)
     if vla.base_quantization != "none":
         quantize_base(model, vla.base_quantization, getattr(torch, vla.compute_dtype))
-    if vla.use_lora:
-        model = add_lora(model, vla.lora_rank, vla.resolved_lora_alpha, vla.lora_dropout,
-                         lora_targets(model, vla.lora_target_modules))
-        if plan.resume_path is not None:
-            load_adapters(model, plan.resume_path)
-    else:
-        apply_train_stage(model, vla.train_stage)
+    model = make_trainable(model, vla)
+    if vla.use_lora and plan.resume_path is not None:
+        load_adapters(model, plan.resume_path)
     _prepare_for_training(model, cfg, plan)
     return model, tokenizer, config
 
