@@ -64,6 +64,8 @@ def test_knob_values_follow_the_written_rules():
         assert _flag(METHODS["craft_last"].flags(cal, m), "--craft.lambda_init") == pytest.approx(m * 2.0)
         assert _flag(METHODS["craft_action"].flags(cal, m), "--craft.lambda_init") == pytest.approx(m * 4.0)
         assert _flag(METHODS["l2_sp"].flags(cal, m), "--vla.l2_sp_weight") == pytest.approx(m * 0.6 / 12.0)
+    for lam in METHODS["craft_action_unit"].values:  # absolute lambda: no calibration enters
+        assert _flag(METHODS["craft_action_unit"].flags(cal, lam), "--craft.lambda_init") == lam
     pi = METHODS["craft_last_pi"].flags(cal, 0.1)
     assert _flag(pi, "--craft.epsilon") == pytest.approx(0.02)
     assert _flag(pi, "--craft.lambda_lr") * 0.9 * 0.2 == pytest.approx(2.0 / 10 * 0.02)  # ki x plain-level violation

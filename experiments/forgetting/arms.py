@@ -24,6 +24,11 @@ penalty's gradient is m times the action gradient):
   the downstream hidden signal: epsilon = f D_s, f = 0.3, 0.1, 0.03, with the first experiment's gains at that
   budget: ki = R f / (10 (1 - f)) (lambda gains R / 10 per step at plain-level drift), kp = R / 3, nu = 0.9,
   lambda_max = 30 R.
+Added after every number above was seen, to measure the README's recommended command (not one of the rules
+the comparisons rest on): `craft_action_unit`, the action signal at a fixed lambda in absolute units, without
+calibration, lambda = 0.3 and 1. Both losses are nats over the same 7 action tokens, so lambda weighs a nat of anchor
+KL against a nat of action cross-entropy on any model; the picked craft_action (m = 0.3) had lambda 0.16-0.39 over
+the three calibrations, m = 3 had 1.6-3.9.
 Signals: `guide` = the user's guide (layer -2, mean over image tokens, MSE), the first experiment's signal;
 `last` = layer -1 at the last prompt token, NMSE (MSE / target mean square: a relative drift, comparable across
 layers); `layers` = layers -1 and -2 at the last token, NMSE; `action` = KL(pretrained || current) of the
@@ -51,6 +56,7 @@ FAST_CANDIDATES = (3.0, 10.0)
 STRENGTHS = (0.3, 3.0, 30.0)
 REPLAY_FRAMES = (2, 4, 8)
 BUDGETS = (0.3, 0.1, 0.03)
+UNIT_LAMBDAS = (0.3, 1.0)
 LORA_RANK = 16
 PI_EMA = 0.9
 LAMBDA_MAX_FACTOR = 30.0
@@ -101,12 +107,13 @@ class Method:
 OFF = ["--craft.enabled", "false"]
 
 
-def _fixed(signal: str) -> Method:
-    def flags(cal: Calibration, m: float) -> List[str]:
-        return [*SIGNALS[signal].craft_flags, "--craft.lambda_lr", "0", "--craft.lambda_init",
-                str(m * cal.grad_ratio[signal])]
+def _fixed(signal: str, calibrated: bool = True) -> Method:
+    """lambda = m R_s; uncalibrated, the knob is lambda itself."""
+    def flags(cal: Calibration, v: float) -> List[str]:
+        lam = v * cal.grad_ratio[signal] if calibrated else v
+        return [*SIGNALS[signal].craft_flags, "--craft.lambda_lr", "0", "--craft.lambda_init", str(lam)]
 
-    return Method("m", STRENGTHS, flags, signal)
+    return Method("m", STRENGTHS, flags, signal) if calibrated else Method("lambda", UNIT_LAMBDAS, flags, signal)
 
 
 def _pi(signal: str) -> Method:
@@ -135,6 +142,7 @@ METHODS: Dict[str, Method] = {
     "craft_layers": _fixed("layers"),
     "craft_action": _fixed("action"),
     "craft_last_pi": _pi("last"),
+    "craft_action_unit": _fixed("action", calibrated=False),
 }
 
 

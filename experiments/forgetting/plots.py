@@ -32,7 +32,7 @@ def plot_frontier(curves: Dict[str, List[Tuple[str, dict]]], title: str, out: Pa
         y = np.array([np.mean(n["old_increase"]) for _, n in points])
         ax.errorbar(x, y, xerr=[_bar(n["new_l1"]) for _, n in points],
                     yerr=[_bar(n["old_increase"]) for _, n in points], color=colours(i % 10), marker="o", ms=4,
-                    lw=1.2, capsize=2, label=label)
+                    lw=1.2, ls="-" if i < 10 else "--", capsize=2, label=label)  # past 10: colours repeat
         for (knob, _), xi, yi in zip(points, x, y):
             ax.annotate(knob, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colours(i % 10))
     ax.axhline(0.0, color="black", lw=0.8, ls=":")
