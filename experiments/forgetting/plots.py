@@ -31,8 +31,8 @@ def plot_frontier(curves: Dict[str, List[Tuple[str, dict]]], title: str, out: Pa
         x = np.array([np.mean(n["new_l1"]) for _, n in points])
         y = np.array([np.mean(n["old_increase"]) for _, n in points])
         ax.errorbar(x, y, xerr=[_bar(n["new_l1"]) for _, n in points],
-                    yerr=[_bar(n["old_increase"]) for _, n in points], color=colours(i % 10), marker="o", ms=4,
-                    lw=1.2, ls="-" if i < 10 else "--", capsize=2, label=label)  # past 10: colours repeat
+                    yerr=[_bar(n["old_increase"]) for _, n in points], color=colours(i % 10), ms=4, lw=1.2,
+                    marker="o" if i < 10 else "s", ls="-" if i < 10 else "--", capsize=2, label=label)  # past 10
         for (knob, _), xi, yi in zip(points, x, y):
             ax.annotate(knob, (xi, yi), textcoords="offset points", xytext=(3, 3), fontsize=7, color=colours(i % 10))
     ax.axhline(0.0, color="black", lw=0.8, ls=":")
