@@ -70,6 +70,9 @@ def test_knob_values_follow_the_written_rules():
     assert _flag(pi, "--craft.epsilon") == pytest.approx(0.02)
     assert _flag(pi, "--craft.lambda_lr") * 0.9 * 0.2 == pytest.approx(2.0 / 10 * 0.02)  # ki x plain-level violation
     assert _flag(pi, "--craft.lambda_kp") == pytest.approx(2.0 / 3) and _flag(pi, "--craft.lambda_max") == 60.0
+    action_pi = METHODS["craft_action_pi"].flags(cal, 0.1)  # the same rule on the action signal's D and R
+    assert _flag(action_pi, "--craft.epsilon") == pytest.approx(0.05) and _flag(action_pi, "--craft.lambda_kp") == \
+        pytest.approx(4.0 / 3) and action_pi[:2] == ["--craft.retention_mode", "action"]
     assert METHODS["craft_layers"].flags(cal, 3.0)[:4] == ["--craft.retention_mode", "hidden",
                                                            "--craft.hidden_layers", "[-1,-2]"]
 

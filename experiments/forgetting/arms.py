@@ -28,7 +28,8 @@ Added after every number above was seen, to measure the README's recommended com
 the comparisons rest on): `craft_action_unit`, the action signal at a fixed lambda in absolute units, without
 calibration, lambda = 0.3 and 1. Both losses are nats over the same 7 action tokens, so lambda weighs a nat of anchor
 KL against a nat of action cross-entropy on any model; the picked craft_action (m = 0.3) had lambda 0.16-0.39 over
-the three calibrations, m = 3 had 1.6-3.9.
+the three calibrations, m = 3 had 1.6-3.9. Likewise `craft_action_pi`: the action signal under a budget, epsilon =
+f D_action nats, with craft_last_pi's nuPI rule and gains: does the budgeted form keep what the fixed penalty keeps?
 Signals: `guide` = the user's guide (layer -2, mean over image tokens, MSE), the first experiment's signal;
 `last` = layer -1 at the last prompt token, NMSE (MSE / target mean square: a relative drift, comparable across
 layers); `layers` = layers -1 and -2 at the last token, NMSE; `action` = KL(pretrained || current) of the
@@ -143,6 +144,7 @@ METHODS: Dict[str, Method] = {
     "craft_action": _fixed("action"),
     "craft_last_pi": _pi("last"),
     "craft_action_unit": _fixed("action", calibrated=False),
+    "craft_action_pi": _pi("action"),
 }
 
 
