@@ -318,7 +318,7 @@ def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], repo
     lines += [f"- {key}: D = {_rounded(c['drift'])}, R = {_rounded(c['grad_ratio'])}, G = {c['grad_act']:.4g}, "
               f"W = {c['weight_distance']:.4g}" for key, c in report["calibration"].items()]
     lines += ["", "Knobs: lr = multiple of the setting's learning rate; m = penalty strength (lambda = m R, "
-              "a = m G / W); k = replayed frames; f = nuPI's budget, epsilon = f D.", ""]
+              "a = m G / W); k = replayed frames; f = nuPI's budget, epsilon = f D; lambda = lambda itself.", ""]
     for key in ("fast_multiple", "picks"):
         if key in report:
             lines += [f"{key}: {json.dumps(report[key])}", ""]
@@ -326,18 +326,19 @@ def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], repo
     for (setting, seed), cells in results.items():
         name = setting if seed == model.seed else f"{setting}, pretraining seed {seed}"
         runs = {cell: [run_numbers(r.run_dir) for r in rs] for cell, rs in cells.items()}
-        rows = {f"{m} {METHODS[m].knob}={v:g}": n for (m, v), n in group_numbers(runs).items()}
+        grouped = group_numbers(runs)
+        rows = {f"{m} {_knob(m, v)}": n for (m, v), n in grouped.items()}
         report["settings"][name] = {"rows": rows, "runs": {r.run_id: n for cell, rs in cells.items()
                                                            for r, n in zip(rs, runs[cell])}}
         lines += [f"## {name} (learning rate {report['learning_rate'][setting]:.3g}): mean ± 95 % t half-width "
                   "over fine-tuning seeds", "", markdown_table(rows), ""]
         if setting == "new_tasks" and "picks" in report:
             for m, v in report["picks"].items():
-                headline.setdefault(f"{m} {METHODS[m].knob}={v:g}", []).extend(runs[m, v])
+                headline.setdefault(f"{m} {_knob(m, v)}", []).extend(runs[m, v])
         if seed == model.seed:
             curves = {}
-            for (m, v), n in group_numbers(runs).items():
-                curves.setdefault(m, []).append((f"{METHODS[m].knob}={v:g}", n))
+            for (m, v), n in grouped.items():
+                curves.setdefault(m, []).append((_knob(m, v), n))
             png = plot_frontier(curves, f"{name}: fine-tuning on {SETTINGS[setting][1]}, A = {OLD}",
                                 cfg.out / f"frontier_{name}.png")
             lines += [f"![{name}]({png.name})", ""]
@@ -348,6 +349,10 @@ def summarize(cfg: ForgettingConfig, results: Dict[Tuple[str, int], Cells], repo
     (cfg.out / "summary.json").write_text(json.dumps(report, indent=2))
     (cfg.out / "summary.md").write_text("\n".join(lines))
     return report
+
+
+def _knob(method: str, value: float) -> str:
+    return f"{METHODS[method].knob}={value:g}"
 
 
 def _rounded(values: Dict[str, float]) -> str:
